@@ -1,0 +1,112 @@
+"""What every algorithm shares: the task loss over a parameter dict, the inner update rule, and
+the outer loop that turns meta-gradients into Adam steps on the meta-parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .. import losses, models
+from ..config import Config
+from ..optim import Params, adam_init, adam_step
+from ..tasks import Episode, check_episode
+
+# (meta_params, params, grads, state) -> (params, state); one update of a task's parameters.
+InnerRule = Callable[[Params, Params, Params, Any], tuple[Params, Any]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Meta-training produced a NaN/inf loss or gradient; no update was applied."""
+
+
+class Algorithm:
+    """A meta-learning algorithm: meta-parameters, their gradient on an episode, an inner rule."""
+
+    name = "base"
+
+    def __init__(self, cfg: Config, model: nn.Module | None = None) -> None:
+        self.cfg = cfg
+        self.model = model if model is not None else models.build(models.model_name(cfg), cfg)
+        self.loss = losses.get(_loss_name(cfg))
+        self.classification = self.loss is losses.cross_entropy
+        self._grad_fn: Callable[[Params, Episode], tuple[Params, torch.Tensor]] | None = None
+
+    # --- pure pieces -------------------------------------------------------------------------
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """One task's outputs: x (shots, *features) -> (shots, *outputs)."""
+        return functional_call(self.model, params, (x,))
+
+    def task_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.forward(params, x), y)
+
+    def model_params(self, meta_params: Params) -> Params:
+        """The model part of the meta-parameters (the initialisation the tasks adapt from)."""
+        return {k: v for k, v in meta_params.items() if "/" not in k}
+
+    def inner_rule(self) -> InnerRule:
+        """Plain SGD with the configured inner learning rate."""
+        lr = self.cfg.inner_lr
+
+        def sgd(meta_params: Params, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
+            return {k: p - lr * grads[k] for k, p in params.items()}, state
+
+        return sgd
+
+    def inner_state(self, params: Params) -> Any:
+        return None
+
+    def start_params(self, meta_params: Params, num_tasks: int,
+                     generator: torch.Generator | None = None) -> Params:
+        """Per-task starting parameters (tasks, ...): the learned initialisation, shared."""
+        return {k: v.expand(num_tasks, *v.shape) for k, v in self.model_params(meta_params).items()}
+
+    def init(self, generator: torch.Generator) -> Params:
+        """Fresh meta-parameters, seeded by `generator`."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            fresh = models.build(models.model_name(self.cfg), self.cfg)
+        return models.params_of(fresh)
+
+    def meta_gradient_fn(self) -> Callable[[Params, Episode], tuple[Params, torch.Tensor]]:
+        """A pure function (meta_params, episode) -> (meta-gradient, mean query loss)."""
+        raise NotImplementedError(f"{self.name} has no one-step meta-gradient")
+
+    # --- the outer loop --------------------------------------------------------------------------
+    def check(self, episode: Episode) -> Episode:
+        check_episode(episode)
+        want = tuple(getattr(self.model, "input_shape", ()))
+        if want and tuple(episode.support_x.shape[2:]) != want:
+            raise ValueError(f"episode features {tuple(episode.support_x.shape[2:])} do not fit model "
+                             f"{type(self.model).__name__}, which takes {want}")
+        return episode
+
+    def meta_gradient(self, meta_params: Params, episode: Episode) -> tuple[Params, float]:
+        """Meta-gradient of the mean query loss on `episode`; raises on a non-finite result."""
+        if self._grad_fn is None:
+            fn = self.meta_gradient_fn()
+            self._grad_fn = torch.compile(fn, dynamic=False) if self.cfg.compile else fn
+        grads, loss = self._grad_fn(meta_params, self.check(episode))
+        value = float(loss)
+        if not all(torch.isfinite(g).all() for g in grads.values()) or not torch.isfinite(loss):
+            raise NonFiniteLossError(f"{self.name}: non-finite meta-loss {value} or meta-gradient; "
+                                     "the update was not applied (lower inner-lr or meta-lr)")
+        return grads, value
+
+    def train(self, meta_params: Params, opt_state: dict | None,
+              sample: Callable[[int], Episode], iterations: int) -> tuple[Params, dict, list[float]]:
+        """`iterations` Adam steps on meta-gradients of episodes `sample(i)`; returns the loss curve."""
+        opt_state = adam_init(meta_params) if opt_state is None else opt_state
+        curve = []
+        for i in range(iterations):
+            grads, loss = self.meta_gradient(meta_params, sample(i))
+            meta_params, opt_state = adam_step(meta_params, grads, opt_state, self.cfg.meta_lr)
+            curve.append(loss)
+        return meta_params, opt_state, curve
+
+
+def _loss_name(cfg: Config) -> str:
+    return {"sinusoid": "mse", "quadratic": "sse", "omniglot": "cross_entropy"}[cfg.task]

@@ -1,0 +1,177 @@
+"""One typed, validated configuration for every knob of fedmeta.
+
+`Config` mirrors `[tool.flwr.app.config]` in `pyproject.toml`: a kebab-case run-config key
+(`inner-lr`) maps to the snake_case field (`inner_lr`). `Config.from_mapping` rejects unknown keys
+and values of the wrong type, naming the key; `__post_init__` checks ranges and combinations. The
+server builds it once at start-up (a bad `--run-config` refuses to start the run), sends the
+mapping to every client, and writes it to `config.json` with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+TASKS = ("sinusoid", "quadratic", "omniglot")
+ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "lstm", "pretrain")
+FUSIONS = ("average", "meta-gradient")
+PARTITIONS = ("non-iid", "iid")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- reproducibility and execution -------------------------------------------------
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1  # torch intra-op threads per process (each simulated client)
+    compile: bool = False  # torch.compile the meta-gradient (pays a warm-up per process)
+
+    # --- task family ---------------------------------------------------------------------
+    task: str = "sinusoid"
+    shots: int = 10  # K support examples per task (per class for omniglot)
+    query_shots: int = 10  # query examples per task (per class for omniglot)
+    ways: int = 5  # classes per omniglot episode
+    # sinusoid (Finn et al. 2017, §5.1): y = A sin(x - phase)
+    amplitude_min: float = 0.1
+    amplitude_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = math.pi
+    x_min: float = -5.0
+    x_max: float = 5.0
+    # quadratic (Andrychowicz et al. 2016): f(theta) = ||W theta - y||^2
+    quadratic_dim: int = 10
+    quadratic_scale_min: float = 1.0  # W ~ N(0, s^2), s drawn per client family
+    quadratic_scale_max: float = 1.0
+    # omniglot
+    data_dir: str = "../shared/data/omniglot"
+    omniglot_split: str = "character"  # "character" (1200/423) or "alphabet" (background/evaluation)
+    omniglot_rotations: bool = True
+
+    # --- meta-learning ---------------------------------------------------------------------
+    algorithm: str = "maml"
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    meta_lr: float = 1e-3  # Adam on the client (or central) meta-parameters
+    meta_batch_size: int = 25
+    # LSTM meta-optimizer (Andrychowicz et al. 2016)
+    lstm_hidden: int = 20
+    lstm_layers: int = 2
+    lstm_unroll: int = 20
+    lstm_horizon: int = 100
+    lstm_preprocess_p: float = 10.0
+    lstm_output_scale: float = 0.1
+    # test-time adaptation (all algorithms)
+    eval_shots: int = 5
+    eval_query_shots: int = 100
+    eval_steps: int = 10
+    eval_tasks: int = 100
+
+    # --- federation -----------------------------------------------------------------------
+    num_rounds: int = 5
+    local_iterations: int = 50
+    fusion: str = "average"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    heldout_partitions: int = 2  # the last partitions: never trained on, used for evaluation
+    partition: str = "non-iid"
+    eval_every: int = 1
+    server_lr: float = 1e-3  # Adam on the global meta-parameters in "meta-gradient" fusion
+    server_eval_tasks: int = 0  # >0: the server also evaluates on fresh tasks of the full range
+    max_client_weight: float = 1e6  # replies claiming more are rejected as absurd
+    round_timeout: float = 3600.0
+    checkpoint_every: int = 1
+    results_dir: str = ""  # absolute path of the run directory's parent; "" = ./results
+    run_name: str = ""  # "" = <task>-<algorithm>-<fusion>-<timestamp>
+    resume: str = ""  # path of a checkpoint to resume from
+
+    def __post_init__(self) -> None:
+        choice = {"task": TASKS, "algorithm": ALGORITHMS, "fusion": FUSIONS,
+                  "partition": PARTITIONS, "device": DEVICES,
+                  "omniglot_split": ("character", "alphabet")}
+        for name, allowed in choice.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be one of {allowed}")
+        positive = ("threads", "shots", "query_shots", "inner_lr", "meta_lr", "meta_batch_size",
+                    "quadratic_dim", "quadratic_scale_min", "lstm_hidden", "lstm_layers", "lstm_unroll",
+                    "lstm_horizon", "lstm_preprocess_p", "lstm_output_scale", "eval_shots",
+                    "eval_query_shots", "eval_tasks", "num_rounds", "local_iterations", "eval_every",
+                    "server_lr", "max_client_weight", "round_timeout", "checkpoint_every", "min_train_nodes")
+        for name in positive:
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{_key(name)} = {value!r}: must be a finite number > 0")
+        for name in ("seed", "inner_steps", "eval_steps", "heldout_partitions", "server_eval_tasks"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be >= 0")
+        if self.ways < 2:
+            raise ConfigError(f"ways = {self.ways}: an episode needs at least 2 classes")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train = {self.fraction_train}: must be in (0, 1]")
+        for lo, hi in (("amplitude_min", "amplitude_max"), ("phase_min", "phase_max"),
+                       ("x_min", "x_max"), ("quadratic_scale_min", "quadratic_scale_max")):
+            if not getattr(self, lo) <= getattr(self, hi):
+                raise ConfigError(f"{_key(lo)} = {getattr(self, lo)} exceeds {_key(hi)} = {getattr(self, hi)}")
+        if self.amplitude_min <= 0:
+            raise ConfigError(f"amplitude-min = {self.amplitude_min}: must be > 0")
+        if self.lstm_unroll > self.lstm_horizon or self.lstm_horizon % self.lstm_unroll:
+            raise ConfigError(f"lstm-horizon = {self.lstm_horizon} must be a multiple of "
+                              f"lstm-unroll = {self.lstm_unroll}")
+        if self.task == "quadratic" and self.algorithm != "lstm":
+            raise ConfigError(f"algorithm = {self.algorithm!r} with task = 'quadratic': quadratic "
+                              "problems have no support/query split; use algorithm = 'lstm'")
+        if self.fusion == "meta-gradient" and self.algorithm in ("lstm", "reptile", "pretrain"):
+            raise ConfigError(f"fusion = 'meta-gradient' needs a one-step meta-gradient; algorithm = "
+                              f"{self.algorithm!r} supports fusion = 'average' only")
+        if self.inner_steps == 0 and self.algorithm not in ("pretrain",):
+            raise ConfigError("inner-steps = 0: meta-learning needs at least one inner step")
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "Config":
+        """Build from a run config (kebab- or snake-case keys); unknown keys and bad types raise."""
+        by_field = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = key.replace("-", "_")
+            if name not in by_field:
+                raise ConfigError(f"unknown config key {key!r}; known keys: "
+                                  + ", ".join(sorted(_key(n) for n in by_field)))
+            kwargs[name] = _coerce(key, value, by_field[name].default)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case mapping (the run-config / ConfigRecord / config.json form)."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Accept a value of the default's type; ints are accepted (and widened) for float keys."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key!r} = {value!r} ({type(value).__name__}): expected {kind.__name__}")

@@ -1,0 +1,39 @@
+"""Adam as a pure function over parameter dicts, so that its state is plain tensors that travel in
+checkpoints and can live on the server across rounds (Kingma & Ba 2015; same update as
+`torch.optim.Adam` with default arguments, checked in the tests)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def adam_init(params: Params) -> dict:
+    return {"step": 0,
+            "exp_avg": {k: torch.zeros_like(v) for k, v in params.items()},
+            "exp_avg_sq": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+
+@torch.no_grad()
+def adam_step(params: Params, grads: Params, state: dict, lr: float,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> tuple[Params, dict]:
+    """One Adam update; returns new params and new state (inputs are not modified)."""
+    if lr <= 0:
+        raise ValueError(f"Adam learning rate {lr} must be > 0")
+    if set(grads) != set(params):
+        raise ValueError(f"gradient keys {sorted(grads)} differ from parameter keys {sorted(params)}")
+    b1, b2 = betas
+    step = state["step"] + 1
+    bias1, bias2 = 1 - b1**step, 1 - b2**step
+    new_params, m_new, v_new = {}, {}, {}
+    for k, p in params.items():
+        g = grads[k]
+        m = state["exp_avg"][k].mul(b1).add_(g, alpha=1 - b1)
+        v = state["exp_avg_sq"][k].mul(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+        new_params[k] = p.addcdiv(m, denom, value=-lr / bias1)
+        m_new[k], v_new[k] = m, v
+    return new_params, {"step": step, "exp_avg": m_new, "exp_avg_sq": v_new}

@@ -1,0 +1,77 @@
+"""(partition id, number of partitions, seed) -> a client's private, non-IID task source.
+
+With `partition = "non-iid"` the family's main range is cut into `num_partitions` equal bins and
+each partition owns one bin, assigned by a seeded permutation (so held-out partitions sit at
+random places in the range, not at its edge):
+- sinusoid: a slice of amplitudes (phases and x keep the full range);
+- quadratic: a slice of the scale of W;
+- omniglot: a group of alphabets (see `fedmeta.tasks.omniglot`).
+`partition = "iid"` gives every partition the full family. The last `heldout-partitions`
+partitions never train: they measure personalization on tasks the federation did not train on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import seeding
+from .config import Config
+from .tasks import TaskSource
+from .tasks.quadratic import QuadraticTasks
+from .tasks.sinusoid import SinusoidTasks
+
+
+def check(partition_id: int, num_partitions: int) -> None:
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id = {partition_id} is outside 0..{num_partitions - 1} "
+                         f"(num-partitions = {num_partitions})")
+
+
+def is_heldout(cfg: Config, partition_id: int, num_partitions: int) -> bool:
+    check(partition_id, num_partitions)
+    return partition_id >= num_partitions - cfg.heldout_partitions
+
+
+def num_train_partitions(cfg: Config, num_partitions: int) -> int:
+    return num_partitions - cfg.heldout_partitions
+
+
+def bin_of(cfg: Config, partition_id: int, num_partitions: int) -> int:
+    """The bin of the family's range that this partition owns (a seeded permutation)."""
+    check(partition_id, num_partitions)
+    perm = torch.randperm(num_partitions, generator=seeding.generator(cfg.seed, "partition", num_partitions))
+    return int(perm[partition_id])
+
+
+def _slice(lo: float, hi: float, index: int, count: int) -> tuple[float, float]:
+    width = (hi - lo) / count
+    return lo + index * width, lo + (index + 1) * width
+
+
+def full_source(cfg: Config) -> TaskSource:
+    """The whole task family of the config (central training, server-side evaluation)."""
+    if cfg.task == "sinusoid":
+        return SinusoidTasks((cfg.amplitude_min, cfg.amplitude_max), (cfg.phase_min, cfg.phase_max),
+                             (cfg.x_min, cfg.x_max))
+    if cfg.task == "quadratic":
+        return QuadraticTasks(cfg.quadratic_dim, (cfg.quadratic_scale_min, cfg.quadratic_scale_max))
+    from .tasks import omniglot
+
+    return omniglot.source(cfg, split="train")
+
+
+def task_source(cfg: Config, partition_id: int, num_partitions: int) -> TaskSource:
+    """The private task source of one partition."""
+    check(partition_id, num_partitions)
+    if cfg.partition == "iid":
+        return full_source(cfg)
+    b = bin_of(cfg, partition_id, num_partitions)
+    if cfg.task == "sinusoid":
+        return SinusoidTasks(_slice(cfg.amplitude_min, cfg.amplitude_max, b, num_partitions),
+                             (cfg.phase_min, cfg.phase_max), (cfg.x_min, cfg.x_max))
+    if cfg.task == "quadratic":
+        return QuadraticTasks(cfg.quadratic_dim,
+                              _slice(cfg.quadratic_scale_min, cfg.quadratic_scale_max, b, num_partitions))
+    from .tasks import omniglot
+
+    return omniglot.partition_source(cfg, partition_id, num_partitions)

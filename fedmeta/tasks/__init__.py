@@ -1,0 +1,70 @@
+"""Task families: each samples batched episodes with a leading task dimension.
+
+An `Episode` holds support and query tensors stacked over tasks, `(tasks, shots, ...)`. A task
+source names the model it is meant for and the loss, and samples episodes from a seeded
+`torch.Generator`, so the same seed always gives the same tasks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+
+class Episode(NamedTuple):
+    support_x: torch.Tensor  # (tasks, shots, *features)
+    support_y: torch.Tensor  # (tasks, shots, *targets)
+    query_x: torch.Tensor  # (tasks, query_shots, *features)
+    query_y: torch.Tensor  # (tasks, query_shots, *targets)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> "Episode":
+        return Episode(*(t.to(device) for t in self))
+
+    def task(self, i: int) -> "Episode":
+        """The i-th task alone, keeping a task dimension of 1."""
+        return Episode(*(t[i : i + 1] for t in self))
+
+    def split(self, sizes: list[int]) -> list["Episode"]:
+        """Split along the task dimension."""
+        parts = [t.split(sizes) for t in self]
+        return [Episode(*p) for p in zip(*parts)]
+
+    @staticmethod
+    def cat(episodes: list["Episode"]) -> "Episode":
+        return Episode(*(torch.cat(ts) for ts in zip(*episodes)))
+
+
+class TaskSource(Protocol):
+    """What every task family provides."""
+
+    model: str  # name for fedmeta.models.build
+    loss: str  # name for fedmeta.losses
+
+    def sample(self, num_tasks: int, shots: int, query_shots: int,
+               generator: torch.Generator) -> Episode: ...
+
+
+def check_episode(episode: Episode) -> Episode:
+    """Reject episodes whose tensors do not share the task dimension or are not finite."""
+    if len(episode) != 4 or not all(isinstance(t, torch.Tensor) for t in episode):
+        raise ValueError("an episode is four tensors: support_x, support_y, query_x, query_y")
+    sx, sy, qx, qy = episode
+    if min(t.dim() for t in episode) < 2:
+        raise ValueError("episode tensors need shape (tasks, shots, ...); got shapes "
+                         f"{[tuple(t.shape) for t in episode]}")
+    if len({t.shape[0] for t in episode}) != 1:
+        raise ValueError(f"episode tensors disagree on the task dimension: {[tuple(t.shape) for t in episode]}")
+    if sx.shape[1] != sy.shape[1] or qx.shape[1] != qy.shape[1]:
+        raise ValueError(f"support/query inputs and targets disagree on shots: x {tuple(sx.shape)} vs y "
+                         f"{tuple(sy.shape)}, x {tuple(qx.shape)} vs y {tuple(qy.shape)}")
+    if sx.shape[2:] != qx.shape[2:]:
+        raise ValueError(f"support and query features differ: {tuple(sx.shape[2:])} vs {tuple(qx.shape[2:])}")
+    for name, t in zip(Episode._fields, episode):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"episode {name} holds non-finite values")
+    return episode

@@ -3,6 +3,7 @@ the outer loop that turns meta-gradients into Adam steps on the meta-parameters.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -66,9 +67,12 @@ class Algorithm:
 
     def init(self, generator: torch.Generator) -> Params:
         """Fresh meta-parameters, seeded by `generator`."""
+        fresh = copy.deepcopy(self.model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            fresh = models.build(models.model_name(self.cfg), self.cfg)
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
         return models.params_of(fresh)
 
     def meta_gradient_fn(self) -> Callable[[Params, Episode], tuple[Params, torch.Tensor]]:

@@ -60,10 +60,10 @@ def check_episode(episode: Episode) -> Episode:
     if len({t.shape[0] for t in episode}) != 1:
         raise ValueError(f"episode tensors disagree on the task dimension: {[tuple(t.shape) for t in episode]}")
     if sx.shape[1] != sy.shape[1] or qx.shape[1] != qy.shape[1]:
-        raise ValueError(f"support/query inputs and targets disagree on shots: x {tuple(sx.shape)} vs y "
+        raise ValueError(f"episode support/query inputs and targets disagree on shots: x {tuple(sx.shape)} vs y "
                          f"{tuple(sy.shape)}, x {tuple(qx.shape)} vs y {tuple(qy.shape)}")
     if sx.shape[2:] != qx.shape[2:]:
-        raise ValueError(f"support and query features differ: {tuple(sx.shape[2:])} vs {tuple(qx.shape[2:])}")
+        raise ValueError(f"episode support and query features differ: {tuple(sx.shape[2:])} vs {tuple(qx.shape[2:])}")
     for name, t in zip(Episode._fields, episode):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"episode {name} holds non-finite values")

@@ -1,0 +1,106 @@
+"""What one client does in a round, without Flower: local meta-training from the received global
+meta-model (or its meta-gradient), and personalization evaluation on held-out tasks.
+
+Every random draw is derived from (seed, partition, round), so a client's tasks are the same
+whichever process or machine runs it; this is what lets the federated meta-gradient mode be
+checked exactly against a central run over the union of the clients' tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from . import algorithms, partition, seeding
+from .algorithms import Algorithm
+from .config import Config
+from .optim import Params
+from .tasks import Episode, TaskSource
+
+
+@dataclass(frozen=True)
+class Client:
+    """A client's cached pieces: its algorithm (with model) and private task source."""
+
+    cfg: Config
+    partition_id: int
+    num_partitions: int
+    algo: Algorithm
+    source: TaskSource
+
+    @property
+    def heldout(self) -> bool:
+        return partition.is_heldout(self.cfg, self.partition_id, self.num_partitions)
+
+
+@lru_cache(maxsize=8)
+def client(cfg: Config, partition_id: int, num_partitions: int) -> Client:
+    """Build (once per process) a client's algorithm and task source; cached across rounds."""
+    torch.set_num_threads(cfg.threads)
+    return Client(cfg, partition_id, num_partitions, algorithms.build(cfg),
+                  partition.task_source(cfg, partition_id, num_partitions))
+
+
+def train_episodes(cfg: Config, source: TaskSource, partition_id: int, server_round: int,
+                   iterations: int) -> list[Episode]:
+    """The meta-batches a client trains on in a round (deterministic in seed, partition, round)."""
+    g = seeding.generator(cfg.seed, "train", partition_id, server_round)
+    return [source.sample(cfg.meta_batch_size, cfg.shots, cfg.query_shots, g) for _ in range(iterations)]
+
+
+def eval_episode(cfg: Config, source: TaskSource, partition_id: int) -> Episode:
+    """A client's fixed held-out evaluation tasks (the same every round)."""
+    g = seeding.generator(cfg.seed, "eval", partition_id)
+    return source.sample(cfg.eval_tasks, cfg.eval_shots, cfg.eval_query_shots, g)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    arrays: Params  # new meta-parameters ("average") or meta-gradient ("meta-gradient")
+    num_tasks: int
+    loss: float
+    seconds: float
+
+
+def train(c: Client, meta_params: Params, server_round: int) -> TrainResult:
+    """Local meta-training for one round starting from the global meta-parameters."""
+    t0 = time.perf_counter()
+    cfg = c.cfg
+    episodes = train_episodes(cfg, c.source, c.partition_id, server_round, cfg.local_iterations)
+    if cfg.fusion == "meta-gradient":
+        # distributed MAML: the meta-gradient at the received parameters, averaged over batches
+        grads, losses = zip(*(c.algo.meta_gradient(meta_params, ep) for ep in episodes))
+        arrays = {k: torch.stack([g[k] for g in grads]).mean(0) for k in meta_params}
+        loss = sum(losses) / len(losses)
+    else:
+        arrays, _, curve = c.algo.train(meta_params, None, lambda i: episodes[i], len(episodes))
+        loss = sum(curve) / len(curve)
+    tasks = sum(ep.num_tasks for ep in episodes)
+    return TrainResult(arrays, tasks, loss, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_tasks: int
+    loss_pre: float
+    loss_post: float
+    accuracy_pre: float | None
+    accuracy_post: float | None
+    seconds: float
+
+
+def evaluate(c: Client, meta_params: Params) -> EvalResult:
+    """Adapt the global meta-model to this client's held-out tasks; loss before and after."""
+    t0 = time.perf_counter()
+    cfg = c.cfg
+    ep = eval_episode(cfg, c.source, c.partition_id)
+    ev = algorithms.evaluate(c.algo, meta_params, ep, cfg.eval_steps,
+                             generator=seeding.generator(cfg.seed, "eval", c.partition_id, 1))
+    acc = ev.accuracy
+    return EvalResult(ep.num_tasks, ev.mean(0), ev.mean(cfg.eval_steps),
+                      None if acc is None else float(acc[0].mean()),
+                      None if acc is None else float(acc[-1].mean()),
+                      time.perf_counter() - t0)

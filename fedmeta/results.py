@@ -209,7 +209,7 @@ def _read_csv(path: Path, columns: list[str], dtypes: dict[str, str]) -> pd.Data
         col = frame[c] if c in frame else pd.Series([""] * len(frame))
         kind = dtypes[c]
         if kind in ("float64",):
-            out[c] = pd.to_numeric(col.replace("", "nan"), errors="raise").astype("float64")
+            out[c] = np.array([float(v) if v != "" else np.nan for v in col], dtype=np.float64)
         elif kind in ("int64", "Int64", "UInt64"):
             out[c] = pd.array([None if v == "" else int(v) for v in col], dtype=kind if kind != "int64" else "Int64")
             if kind == "int64":

@@ -14,12 +14,20 @@ from fedmeta import local, wire
 from fedmeta.config import Config
 
 app = ClientApp()
+NODE_KEYS = ("data-dir",)  # run-config keys a node may set for itself in its node config
 
 
 def _client(msg: Message, context: Context) -> local.Client:
     run_config = {k: v for k, v in msg.content[wire.CONFIG].items() if k != wire.SERVER_ROUND}
+    node = context.node_config  # simulation: set by the engine; deployment: `--node-config`
+    for key in NODE_KEYS:  # a real node's own data location wins over the run's
+        if key in node:
+            run_config[key] = node[key]
     cfg = Config.from_mapping(run_config)
-    node = context.node_config
+    for key in ("partition-id", "num-partitions"):
+        if key not in node:
+            raise KeyError(f"node config lacks {key!r}; start the SuperNode with "
+                           '--node-config "partition-id=<i> num-partitions=<n>"')
     return local.client(cfg, int(node["partition-id"]), int(node["num-partitions"]))
 
 

@@ -87,6 +87,7 @@ class Config:
     server_eval_tasks: int = 0  # >0: the server also evaluates on fresh tasks of the full range
     max_client_weight: float = 1e6  # replies claiming more are rejected as absurd
     round_timeout: float = 3600.0
+    poll_interval: float = 0.02  # seconds between the server's pulls of client replies
     checkpoint_every: int = 1
     results_dir: str = ""  # absolute path of the run directory's parent; "" = ./results
     run_name: str = ""  # "" = <task>-<algorithm>-<fusion>-<timestamp>
@@ -103,7 +104,7 @@ class Config:
                     "quadratic_dim", "quadratic_scale_min", "lstm_hidden", "lstm_layers", "lstm_unroll",
                     "lstm_horizon", "lstm_preprocess_p", "lstm_output_scale", "eval_shots",
                     "eval_query_shots", "eval_tasks", "num_rounds", "local_iterations", "eval_every",
-                    "server_lr", "max_client_weight", "round_timeout", "checkpoint_every", "min_train_nodes")
+                    "server_lr", "max_client_weight", "round_timeout", "poll_interval", "checkpoint_every", "min_train_nodes")
         for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):

@@ -31,6 +31,25 @@ from fedmeta.results import RunWriter
 from .fusion import Rejected, ServerOptimizer, validate, weighted_average
 
 
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, interval: float) -> list[Message]:
+    """Push messages and pull replies every `interval` seconds until all arrived or `timeout`.
+
+    `Grid.send_and_receive` polls every 0.1 s in simulation and every 3 s in deployment, which
+    puts a floor under every round; this uses the same Grid API with our own interval.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    return replies
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     partition_id: int
@@ -79,7 +98,7 @@ class FedMeta(FedAvg):
             return
         content = RecordDict({wire.CONFIG: ConfigRecord(self.cfg.to_mapping())})
         msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(msgs, timeout=timeout):
+        for reply in self.exchange(grid, msgs, timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "node %d did not describe itself: %s", node, reply.error.reason)
@@ -222,6 +241,9 @@ class FedMeta(FedAvg):
         return content.array_records[key].to_torch_state_dict(), metrics[wire.WEIGHT], metrics
 
     # --- the loop -------------------------------------------------------------------------------
+    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+        return send_and_receive(grid, messages, timeout, self.cfg.poll_interval)
+
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn=None) -> Result:
@@ -235,8 +257,8 @@ class FedMeta(FedAvg):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
             self.discover(grid, timeout)
             self._round = {"round": rnd}
-            replies = grid.send_and_receive(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})),
-                                                                 grid), timeout=timeout)
+            replies = self.exchange(grid, self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})),
+                                                               grid), timeout)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
@@ -244,7 +266,7 @@ class FedMeta(FedAvg):
                 result.train_metrics_clientapp[rnd] = train_metrics
             if rnd % self.cfg.eval_every == 0 or rnd == num_rounds:
                 msgs = self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
-                metrics = self.aggregate_evaluate(rnd, grid.send_and_receive(msgs, timeout=timeout))
+                metrics = self.aggregate_evaluate(rnd, self.exchange(grid, msgs, timeout))
                 if metrics is not None:
                     result.evaluate_metrics_clientapp[rnd] = metrics
                 if self.server_eval is not None:

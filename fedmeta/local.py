@@ -36,11 +36,18 @@ class Client:
         return partition.is_heldout(self.cfg, self.partition_id, self.num_partitions)
 
 
-@lru_cache(maxsize=8)
-def client(cfg: Config, partition_id: int, num_partitions: int) -> Client:
-    """Build (once per process) a client's algorithm and task source; cached across rounds."""
+@lru_cache(maxsize=2)
+def algorithm(cfg: Config) -> Algorithm:
+    """One algorithm (model, compiled meta-gradient) per process and config, shared by partitions."""
     torch.set_num_threads(cfg.threads)
-    return Client(cfg, partition_id, num_partitions, algorithms.build(cfg),
+    return algorithms.build(cfg)
+
+
+@lru_cache(maxsize=64)
+def client(cfg: Config, partition_id: int, num_partitions: int) -> Client:
+    """A client's algorithm and task source, built once per process and cached across rounds
+    (a simulation worker serves many partitions; a deployed node rebuilds per message)."""
+    return Client(cfg, partition_id, num_partitions, algorithm(cfg),
                   partition.task_source(cfg, partition_id, num_partitions))
 
 

@@ -20,6 +20,7 @@ ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "lstm", "pretrain")
 FUSIONS = ("average", "meta-gradient")
 PARTITIONS = ("non-iid", "iid")
 DEVICES = ("cpu", "cuda", "auto")
+OMNIGLOT_DRAWINGS = 20  # drawings per character: support + query per class cannot exceed it
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ class Config:
     lstm_output_scale: float = 0.1
     # test-time adaptation (all algorithms)
     eval_shots: int = 5
-    eval_query_shots: int = 100
+    eval_query_shots: int = 0  # 0: the task's default (`eval_query`): sinusoid 100 points, else query-shots
     eval_steps: int = 10
     eval_tasks: int = 100
 
@@ -103,13 +104,14 @@ class Config:
         positive = ("threads", "shots", "query_shots", "inner_lr", "meta_lr", "meta_batch_size",
                     "quadratic_dim", "quadratic_scale_min", "lstm_hidden", "lstm_layers", "lstm_unroll",
                     "lstm_horizon", "lstm_preprocess_p", "lstm_output_scale", "eval_shots",
-                    "eval_query_shots", "eval_tasks", "num_rounds", "local_iterations", "eval_every",
+                    "eval_tasks", "num_rounds", "local_iterations", "eval_every",
                     "server_lr", "max_client_weight", "round_timeout", "poll_interval", "checkpoint_every", "min_train_nodes")
         for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{_key(name)} = {value!r}: must be a finite number > 0")
-        for name in ("seed", "inner_steps", "eval_steps", "heldout_partitions", "server_eval_tasks"):
+        for name in ("seed", "inner_steps", "eval_steps", "heldout_partitions", "server_eval_tasks",
+                     "eval_query_shots"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be >= 0")
         if self.ways < 2:
@@ -131,8 +133,21 @@ class Config:
         if self.fusion == "meta-gradient" and self.algorithm in ("lstm", "reptile", "pretrain"):
             raise ConfigError(f"fusion = 'meta-gradient' needs a one-step meta-gradient; algorithm = "
                               f"{self.algorithm!r} supports fusion = 'average' only")
+        if self.task == "omniglot":
+            for a, b, total in (("shots", "query_shots", self.shots + self.query_shots),
+                                ("eval_shots", "eval_query_shots", self.eval_shots + self.eval_query)):
+                if total > OMNIGLOT_DRAWINGS:
+                    raise ConfigError(f"{_key(a)} + {_key(b)} = {total}: an omniglot character has only "
+                                      f"{OMNIGLOT_DRAWINGS} drawings")
         if self.inner_steps == 0 and self.algorithm not in ("pretrain",):
             raise ConfigError("inner-steps = 0: meta-learning needs at least one inner step")
+
+    @property
+    def eval_query(self) -> int:
+        """Query examples per evaluation task (per class for omniglot)."""
+        if self.eval_query_shots:
+            return self.eval_query_shots
+        return 100 if self.task == "sinusoid" else self.query_shots
 
     # --- construction -------------------------------------------------------------------------
     @classmethod

@@ -61,7 +61,7 @@ def train_episodes(cfg: Config, source: TaskSource, partition_id: int, server_ro
 def eval_episode(cfg: Config, source: TaskSource, partition_id: int) -> Episode:
     """A client's fixed held-out evaluation tasks (the same every round)."""
     g = seeding.generator(cfg.seed, "eval", partition_id)
-    return source.sample(cfg.eval_tasks, cfg.eval_shots, cfg.eval_query_shots, g)
+    return source.sample(cfg.eval_tasks, cfg.eval_shots, cfg.eval_query, g)
 
 
 @dataclass(frozen=True)

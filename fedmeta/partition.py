@@ -5,8 +5,10 @@ each partition owns one bin, assigned by a seeded permutation (so held-out parti
 random places in the range, not at its edge):
 - sinusoid: a slice of amplitudes (phases and x keep the full range);
 - quadratic: a slice of the scale of W;
-- omniglot: a group of alphabets (see `fedmeta.tasks.omniglot`).
-`partition = "iid"` gives every partition the full family. The last `heldout-partitions`
+- omniglot: contiguous groups of alphabets instead: training partitions share the 30 background
+  alphabets, held-out partitions the 20 evaluation alphabets (see `fedmeta.tasks.omniglot`).
+`partition = "iid"` gives every partition the full family (for omniglot: held-out partitions get
+the meta-test characters). The last `heldout-partitions`
 partitions never train: they measure personalization on tasks the federation did not train on.
 """
 
@@ -60,11 +62,20 @@ def full_source(cfg: Config) -> TaskSource:
     return omniglot.source(cfg, split="train")
 
 
+def eval_source(cfg: Config) -> TaskSource:
+    """Fresh tasks for server-side evaluation: the whole family (omniglot: the meta-test split)."""
+    if cfg.task == "omniglot":
+        from .tasks import omniglot
+
+        return omniglot.source(cfg, split="test")
+    return full_source(cfg)
+
+
 def task_source(cfg: Config, partition_id: int, num_partitions: int) -> TaskSource:
     """The private task source of one partition."""
     check(partition_id, num_partitions)
     if cfg.partition == "iid":
-        return full_source(cfg)
+        return eval_source(cfg) if is_heldout(cfg, partition_id, num_partitions) else full_source(cfg)
     b = bin_of(cfg, partition_id, num_partitions)
     if cfg.task == "sinusoid":
         return SinusoidTasks(_slice(cfg.amplitude_min, cfg.amplitude_max, b, num_partitions),

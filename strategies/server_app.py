@@ -39,7 +39,7 @@ def server_evaluator(cfg: Config):
     if cfg.server_eval_tasks <= 0:
         return None
     algo = algorithms.build(cfg)
-    ep: Episode = partition.full_source(cfg).sample(cfg.server_eval_tasks, cfg.eval_shots, cfg.eval_query_shots,
+    ep: Episode = partition.eval_source(cfg).sample(cfg.server_eval_tasks, cfg.eval_shots, cfg.eval_query,
                                                     seeding.generator(cfg.seed, "server-eval"))
 
     def evaluate(params):

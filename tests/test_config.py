@@ -46,3 +46,12 @@ def test_incompatible_combinations_are_rejected():
 def test_config_is_frozen():
     with pytest.raises(Exception):
         Config().seed = 3  # type: ignore[misc]
+
+
+def test_omniglot_shots_cannot_exceed_the_drawings():
+    with pytest.raises(ConfigError, match="shots \\+ query-shots = 21"):
+        Config(task="omniglot", shots=5, query_shots=16)
+    with pytest.raises(ConfigError, match="eval-shots \\+ eval-query-shots"):
+        Config(task="omniglot", eval_shots=5, eval_query_shots=16)
+    cfg = Config(task="omniglot", shots=1, query_shots=15)
+    assert cfg.eval_query == 15 and Config().eval_query == 100  # task defaults

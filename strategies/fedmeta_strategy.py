@@ -129,16 +129,9 @@ class FedMeta(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid: list[tuple[Params, float, float]] = []  # (arrays, weight, loss)
         stats = {"num_sampled": len(self._sampled), "num_replies": 0, "num_rejected": 0, "num_failures": 0}
-        seen = set()
-        for reply in self._in_partition_order(replies):
-            node = reply.metadata.src_node_id
-            seen.add(node)
-            row = self._row(server_round, node, "train")
-            if reply.has_error():
-                stats["num_failures"] += 1
-                self._fail(row, f"client error: {reply.error.reason}")
-                continue
+        for row, reply in self._answers(server_round, "train", replies):
             stats["num_replies"] += 1
+            node = reply.metadata.src_node_id
             try:
                 arrays, weight, metrics = self._parse(reply, self.reply_key)
                 validate(arrays, weight, self._global, self.cfg.max_client_weight)
@@ -151,9 +144,7 @@ class FedMeta(FedAvg):
             valid.append((arrays, float(weight), float(metrics.get(wire.TRAIN_LOSS, math.nan))))
             row.update(weight=float(weight), num_tasks=metrics.get(wire.NUM_TASKS),
                        loss=metrics.get(wire.TRAIN_LOSS), seconds=metrics.get(wire.SECONDS))
-        for node in sorted(set(self._sampled) - seen):
-            stats["num_failures"] += 1
-            self._fail(self._row(server_round, node, "train"), "no reply before round-timeout")
+        stats["num_failures"] = stats["num_sampled"] - stats["num_replies"]
         self._round.update(stats)
         if not valid:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
@@ -178,14 +169,7 @@ class FedMeta(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         sums: dict[str, float] = {}
         total = 0.0
-        seen = set()
-        for reply in self._in_partition_order(replies):
-            node = reply.metadata.src_node_id
-            seen.add(node)
-            row = self._row(server_round, node, "evaluate")
-            if reply.has_error():
-                self._fail(row, f"client error: {reply.error.reason}")
-                continue
+        for row, reply in self._answers(server_round, "evaluate", replies):
             m = reply.content[wire.METRICS]
             keys = [k for k in (wire.LOSS_PRE, wire.LOSS_POST, wire.ACCURACY_PRE, wire.ACCURACY_POST) if k in m]
             values = {k: float(m[k]) for k in keys}
@@ -199,8 +183,6 @@ class FedMeta(FedAvg):
             total += n
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + n * v
-        for node in sorted(set(self._sampled) - seen):
-            self._fail(self._row(server_round, node, "evaluate"), "no reply before round-timeout")
         if not total:
             return None
         means = {k: v / total for k, v in sums.items()}
@@ -210,6 +192,21 @@ class FedMeta(FedAvg):
         return MetricRecord(means)
 
     # --- rows -----------------------------------------------------------------------------------
+    def _answers(self, server_round: int, phase: str, replies: Iterable[Message]):
+        """Yield (row, reply) for every reply with content, in partition order; record a failed row
+        for every error reply and for every sampled node that did not answer (after the others)."""
+        seen = set()
+        for reply in self._in_partition_order(replies):
+            node = reply.metadata.src_node_id
+            seen.add(node)
+            row = self._row(server_round, node, phase)
+            if reply.has_error():
+                self._fail(row, f"client error: {reply.error.reason}")
+                continue
+            yield row, reply
+        for node in sorted(set(self._sampled) - seen):
+            self._fail(self._row(server_round, node, phase), "no reply before round-timeout")
+
     def _row(self, server_round: int, node: int, phase: str) -> dict:
         info = self.nodes.get(node)
         row = {"round": server_round, "node_id": node, "partition_id": info.partition_id if info else None,

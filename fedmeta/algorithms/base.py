@@ -34,7 +34,7 @@ class Algorithm:
         self.model = model if model is not None else models.build(models.model_name(cfg), cfg)
         self.loss = losses.get(_loss_name(cfg))
         self.classification = self.loss is losses.cross_entropy
-        self._grad_fn: Callable[[Params, Episode], tuple[Params, torch.Tensor]] | None = None
+        self._grad_fn: Callable[[Params, Episode], tuple[Params, torch.Tensor, torch.Tensor]] | None = None
 
     # --- pure pieces -------------------------------------------------------------------------
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -89,13 +89,21 @@ class Algorithm:
         return episode
 
     def meta_gradient(self, meta_params: Params, episode: Episode) -> tuple[Params, float]:
-        """Meta-gradient of the mean query loss on `episode`; raises on a non-finite result."""
+        """Meta-gradient of the mean query loss on `episode`; raises on a non-finite result.
+
+        Shapes are checked before the call. Finiteness (of the episode, the loss and the gradient)
+        is one flag computed with the gradient, fused into the graph under `compile`: checking each
+        tensor on its own costs more than the sinusoid meta-gradient itself. Only when the flag is
+        down does the full `check` run, to name a non-finite episode tensor.
+        """
         if self._grad_fn is None:
-            fn = self.meta_gradient_fn()
-            self._grad_fn = torch.compile(fn, dynamic=False) if self.cfg.compile else fn
-        grads, loss = self._grad_fn(meta_params, self.check(episode))
+            fn = _with_finite_flag(self.meta_gradient_fn())
+            self._grad_fn = torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS) if self.cfg.compile else fn
+        self.check(_shapes_only(episode))
+        grads, loss, finite = self._grad_fn(meta_params, episode)
         value = float(loss)
-        if not all(torch.isfinite(g).all() for g in grads.values()) or not torch.isfinite(loss):
+        if not finite:
+            self.check(episode)
             raise NonFiniteLossError(f"{self.name}: non-finite meta-loss {value} or meta-gradient; "
                                      "the update was not applied (lower inner-lr or meta-lr)")
         return grads, value
@@ -110,6 +118,30 @@ class Algorithm:
             meta_params, opt_state = adam_step(meta_params, grads, opt_state, self.cfg.meta_lr)
             curve.append(loss)
         return meta_params, opt_state, curve
+
+
+# A C++ wrapper around the compiled kernels instead of Python: less overhead per call, which
+# dominates small problems (benchmarks/maml_speed.py); costs a few seconds more compile time.
+COMPILE_OPTIONS = {"cpp_wrapper": True}
+
+
+def _with_finite_flag(fn: Callable[[Params, Episode], tuple[Params, torch.Tensor]]):
+    """`fn` returning also one flag: every floating entry of the episode, loss and gradient is finite."""
+
+    def fn_and_flag(meta_params: Params, episode: Episode) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        grads, loss = fn(meta_params, episode)
+        parts = [t.reshape(-1) for t in (*episode, loss, *grads.values()) if t.is_floating_point()]
+        return grads, loss, torch.isfinite(torch.cat(parts)).all()
+
+    return fn_and_flag
+
+
+def _shapes_only(episode: Episode) -> Episode:
+    """Value-less stand-ins (bool, meta device) of the episode's tensors: `check` on them checks
+    shapes only (it checks finiteness of floating tensors alone, which `_with_finite_flag` covers)."""
+    if len(episode) != 4 or not all(isinstance(t, torch.Tensor) for t in episode):
+        return episode
+    return Episode(*(torch.empty(t.shape, dtype=torch.bool, device="meta") for t in episode))
 
 
 def _loss_name(cfg: Config) -> str:

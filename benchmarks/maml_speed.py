@@ -1,0 +1,260 @@
+"""One second-order MAML meta-iteration on the sinusoid setting, side by side in one run.
+
+Setting (Finn et al. 2017, §5.1): MLP 1-40-40-1 ReLU, 25 tasks, K = 10 support + 10 query shots,
+inner lr 0.01, exact second order, 1 and 5 inner steps, one intra-op thread.
+
+Paths, all computing the same meta-gradient of the mean query loss from the same inputs:
+  loop             per-task Python loop: functional_call + torch.autograd.grad(create_graph=True)
+  higher           the `higher` library (Grefenstette et al. 2019), per task (skipped if missing)
+  fedmeta-eager    MAML(cfg).meta_gradient (selects the closed-form ReLU-MLP path, fedmeta/algorithms/fast.py)
+  fedmeta-compile  the same with compile = true (torch.compile of the whole meta-gradient)
+  generic-eager    the generic torch.func path (nested grad + vmap), grad_and_value(MAML.meta_loss)
+  generic-compile  the same under torch.compile (fedmeta's compile options)
+  fast-raw-compile-py   ablation: the closed-form function alone (no input/finiteness checks),
+                        torch.compile with default options (Python wrapper around the kernels)
+  fast-raw-compile-cpp  the same with fedmeta's options (cpp_wrapper: a C++ wrapper)
+Every repetition runs every path once (in rotating order), so load from other processes hits all
+paths alike; we report the median (and 10th/90th percentiles) after warm-up. Compilation starts
+from an empty inductor cache (a fresh TORCHINDUCTOR_CACHE_DIR) unless --warm-cache, so the
+first-call column is an honest compile warm-up.
+
+    flock /tmp/fedmeta-cpu.lock python benchmarks/maml_speed.py            # full run (~3-4 min)
+    python benchmarks/maml_speed.py --steps 1 --reps 20 --out /tmp/x        # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value
+
+from fedmeta import seeding
+from fedmeta.algorithms import fast
+from fedmeta.algorithms.base import COMPILE_OPTIONS
+from fedmeta.algorithms.maml import MAML
+from fedmeta.config import Config
+from fedmeta.tasks import Episode
+from fedmeta.tasks.sinusoid import SinusoidTasks
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"loop": 25, "higher": 40}  # speed-ups the issue asks of fedmeta-compile
+
+
+def loop_path(algo: MAML):
+    """The textbook per-task loop with autograd (create_graph=True keeps the Hessian terms)."""
+    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
+
+    def run(meta_params, episode):
+        init = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
+        total = 0.0
+        for xs, ys, xq, yq in zip(*episode):  # one task: (shots, 1) each
+            params = init
+            for _ in range(steps):
+                loss = F.mse_loss(functional_call(algo.model, params, (xs,)), ys)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+                params = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+            total = total + F.mse_loss(functional_call(algo.model, params, (xq,)), yq)
+        loss = total / episode.num_tasks
+        grads = torch.autograd.grad(loss, list(init.values()))
+        return dict(zip(init, grads)), float(loss)
+
+    return run
+
+
+def higher_path(algo: MAML):
+    """`higher`'s MAML recipe: innerloop_ctx per task, the query loss backpropagated per task."""
+    import higher
+
+    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
+    model = copy.deepcopy(algo.model)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def run(meta_params, episode):
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(meta_params[k])
+                p.grad = None
+        total = 0.0
+        for xs, ys, xq, yq in zip(*episode):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(steps):
+                    diffopt.step(F.mse_loss(fmodel(xs), ys))
+                query = F.mse_loss(fmodel(xq), yq) / episode.num_tasks
+                query.backward()
+                total += float(query)
+        return {k: p.grad.clone() for k, p in model.named_parameters()}, total
+
+    return run
+
+
+def fedmeta_path(cfg: Config):
+    return MAML(cfg).meta_gradient  # compile or not per cfg; selects the fast path when it applies
+
+
+def raw_path(fn, compile_options: dict | None):
+    """A (meta_params, episode) -> (grads, loss tensor) function called bare, eager or compiled."""
+    fn = fn if compile_options is None else torch.compile(fn, dynamic=False, options=compile_options)
+
+    def run(meta_params, episode):
+        grads, loss = fn(meta_params, episode)
+        return grads, float(loss)
+
+    return run
+
+
+def time_paths(paths: dict, meta_params, episode: Episode, reps: int, warmup: int) -> dict:
+    """Seconds per call of every path, interleaved (rotating order) so that load hits all alike."""
+    for run in paths.values():
+        for _ in range(warmup):
+            run(meta_params, episode)
+    names = list(paths)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            start = time.perf_counter()
+            paths[n](meta_params, episode)
+            times[n].append(time.perf_counter() - start)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+def bench(steps: int, args) -> list[dict]:
+    cfg = Config(inner_steps=steps, meta_batch_size=args.tasks, shots=args.shots, query_shots=args.shots)
+    algo = MAML(cfg)
+    if not fast.applies(algo):
+        raise SystemExit("the closed-form path does not apply to this setting; nothing to compare")
+    meta_params = algo.init(seeding.generator(args.seed, "init"))
+    episode = SinusoidTasks().sample(args.tasks, args.shots, args.shots, seeding.generator(args.seed, "train"))
+    paths = {"loop": loop_path(algo)}
+    try:
+        paths["higher"] = higher_path(algo)
+    except ImportError:
+        print("NOTE: `higher` is not installed (pip install -e '.[bench]'); skipping the higher path")
+    paths["fedmeta-eager"] = fedmeta_path(cfg)
+    paths["fedmeta-compile"] = fedmeta_path(cfg.replace(compile=True))
+    generic = grad_and_value(algo.meta_loss)  # the generic torch.func path, bypassing the fast one
+    paths["generic-eager"] = raw_path(generic, None)
+    if not args.no_generic_compile:
+        paths["generic-compile"] = raw_path(generic, COMPILE_OPTIONS)
+    paths["fast-raw-compile-py"] = raw_path(MAML(cfg).meta_gradient_fn(), {})
+    paths["fast-raw-compile-cpp"] = raw_path(MAML(cfg).meta_gradient_fn(), COMPILE_OPTIONS)
+
+    first, results = {}, {}
+    for name, run in paths.items():  # first call: compile warm-up for the compiled paths
+        start = time.perf_counter()
+        results[name] = run(meta_params, episode)
+        first[name] = time.perf_counter() - start
+        print(f"steps={steps} {name}: first call {first[name]:.2f} s", flush=True)
+    ref_grads, ref_loss = results["loop"]
+    times = time_paths(paths, meta_params, episode, args.reps, args.warmup)
+    ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    rows = []
+    for name in paths:
+        grads, loss = results[name]
+        rows.append({
+            "inner_steps": steps, "path": name, "ms_median": ms[name],
+            "ms_p10": 1e3 * quantile(times[name], 0.10), "ms_p90": 1e3 * quantile(times[name], 0.90),
+            "speedup_vs_loop": ms["loop"] / ms[name],
+            "speedup_vs_higher": ms["higher"] / ms[name] if "higher" in ms else float("nan"),
+            "max_abs_diff_grad_vs_loop": max(float((grads[k] - ref_grads[k]).abs().max()) for k in ref_grads),
+            "abs_diff_loss_vs_loop": abs(loss - ref_loss),
+            "first_call_s": first[name], "reps": args.reps,
+        })
+    return rows
+
+
+def machine_info() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    try:
+        higher_version = importlib.metadata.version("higher")
+    except importlib.metadata.PackageNotFoundError:
+        higher_version = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "higher": higher_version, "threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg()}
+
+
+def write(rows: list[dict], info: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "maml_speed.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps({**info, "results": rows}, indent=2) + "\n")
+    lines = ["# Second-order MAML meta-iteration, sinusoid (1-40-40-1 MLP, 25 tasks, K=10+10, inner lr 0.01)", "",
+             f"Command: `{info['command']}`  ",
+             f"Machine: {info['cpu']}, {info['cpus']} cores, torch {info['torch']}, higher {info['higher']}, "
+             f"{info['threads']} thread(s); load average at start {info['loadavg_start'][0]:.2f}, "
+             f"end {info['loadavg_end'][0]:.2f}  ",
+             f"Median of {rows[0]['reps']} interleaved repetitions after warm-up; diff = max |grad - loop grad|; "
+             f"first call = compile warm-up for compiled paths (inductor cache {info['inductor_cache']}).", "",
+             "| inner steps | path | ms/iter (median) | p10-p90 ms | x loop | x higher | max abs diff vs loop | first call s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['inner_steps']} | {r['path']} | {r['ms_median']:.3f} | {r['ms_p10']:.2f}-{r['ms_p90']:.2f} "
+                     f"| {r['speedup_vs_loop']:.1f} | {r['speedup_vs_higher']:.1f} "
+                     f"| {r['max_abs_diff_grad_vs_loop']:.1e} | {r['first_call_s']:.1f} |")
+    lines += ["", f"Targets (issue): fedmeta >= {TARGETS['loop']}x the loop and >= {TARGETS['higher']}x higher, "
+              "same numerics."]
+    for r in rows:
+        if r["path"] == "fedmeta-compile":
+            met = {k: r[f"speedup_vs_{k}"] >= v for k, v in TARGETS.items()}
+            lines.append(f"- {r['inner_steps']} inner step(s): {r['speedup_vs_loop']:.1f}x loop "
+                         f"({'reached' if met['loop'] else 'MISSED'}), {r['speedup_vs_higher']:.1f}x higher "
+                         f"({'reached' if met['higher'] else 'MISSED'}), max abs diff "
+                         f"{r['max_abs_diff_grad_vs_loop']:.1e}")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--tasks", type=int, default=25)
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-generic-compile", action="store_true", help="skip the ~30 s compile of the generic path")
+    parser.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (first calls then "
+                        "do not show the compile warm-up)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "maml_speed")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    info["command"] = "python benchmarks/maml_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cache = None if args.warm_cache else tempfile.mkdtemp(prefix="maml_speed_inductor_")
+    if cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read by inductor at compile time
+    info["inductor_cache"] = "warm (reused)" if args.warm_cache else "cold (fresh directory)"
+    info["compile_options"] = COMPILE_OPTIONS
+    try:
+        rows = [row for steps in args.steps for row in bench(steps, args)]
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    info["loadavg_end"] = os.getloadavg()
+    write(rows, info, args.out)
+    print((args.out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -31,13 +31,19 @@ from fedmeta.results import RunWriter
 from .fusion import Rejected, ServerOptimizer, validate, weighted_average
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, interval: float) -> list[Message]:
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, interval: float,
+                     sent: dict[str, int] | None = None) -> list[Message]:
     """Push messages and pull replies every `interval` seconds until all arrived or `timeout`.
 
     `Grid.send_and_receive` polls every 0.1 s in simulation and every 3 s in deployment, which
     puts a floor under every round; this uses the same Grid API with our own interval.
+    `sent`, when given, receives message id -> destination node (see `FedMeta.sender`).
     """
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    if sent is not None:
+        sent.update({i: m.metadata.dst_node_id for i, m in zip(ids, messages) if i})
+    pending = {i for i in ids if i}
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
@@ -78,6 +84,13 @@ class FedMeta(FedAvg):
         self._sampled: list[int] = []
         self._round: dict = {}
         self._rows: list[dict] = []
+        self._sent: dict[str, int] = {}  # message id -> node it was sent to
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply answers for. When a node dies mid-round the SuperLink itself replies with
+        an error (src_node_id = the SuperLink's own id, 1), so the destination of the message it
+        answers is the truth; hand-made replies that we never sent fall back to src_node_id."""
+        return self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedMeta: algorithm=%s fusion=%s task=%s", self.cfg.algorithm, self.cfg.fusion,
@@ -99,7 +112,7 @@ class FedMeta(FedAvg):
         content = RecordDict({wire.CONFIG: ConfigRecord(self.cfg.to_mapping())})
         msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         for reply in self.exchange(grid, msgs, timeout):
-            node = reply.metadata.src_node_id
+            node = self.sender(reply)
             if reply.has_error():
                 log(WARNING, "node %d did not describe itself: %s", node, reply.error.reason)
                 continue
@@ -131,7 +144,7 @@ class FedMeta(FedAvg):
         stats = {"num_sampled": len(self._sampled), "num_replies": 0, "num_rejected": 0, "num_failures": 0}
         for row, reply in self._answers(server_round, "train", replies):
             stats["num_replies"] += 1
-            node = reply.metadata.src_node_id
+            node = row["node_id"]
             try:
                 arrays, weight, metrics = self._parse(reply, self.reply_key)
                 validate(arrays, weight, self._global, self.cfg.max_client_weight)
@@ -197,7 +210,7 @@ class FedMeta(FedAvg):
         for every error reply and for every sampled node that did not answer (after the others)."""
         seen = set()
         for reply in self._in_partition_order(replies):
-            node = reply.metadata.src_node_id
+            node = self.sender(reply)
             seen.add(node)
             row = self._row(server_round, node, phase)
             if reply.has_error():
@@ -222,8 +235,9 @@ class FedMeta(FedAvg):
     def _in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
         """Replies sorted by partition, so that float sums do not depend on arrival order."""
         def key(reply: Message) -> tuple[int, int]:
-            info = self.nodes.get(reply.metadata.src_node_id)
-            return (info.partition_id if info else 1 << 62, reply.metadata.src_node_id)
+            node = self.sender(reply)
+            info = self.nodes.get(node)
+            return (info.partition_id if info else 1 << 62, node)
 
         return sorted(replies, key=key)
 
@@ -239,7 +253,8 @@ class FedMeta(FedAvg):
 
     # --- the loop -------------------------------------------------------------------------------
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-        return send_and_receive(grid, messages, timeout, self.cfg.poll_interval)
+        self._sent.clear()
+        return send_and_receive(grid, messages, timeout, self.cfg.poll_interval, self._sent)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,

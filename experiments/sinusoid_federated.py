@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -59,6 +60,8 @@ def main() -> None:
     p.add_argument("--grad-rounds", type=int, default=3000)
     p.add_argument("--server-lr", type=float, default=0.003)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--only", nargs="*", choices=list(RUNS),
+                   help="run only these; the others' finished runs in --out are reused for the table")
     p.add_argument("--out", default=str(REPO / "results" / "sinusoid_federated"))
     args = p.parse_args()
     if args.quick:
@@ -76,14 +79,20 @@ def main() -> None:
             overrides = overrides.replace(f"eval-every={fill['eval_every']}", f"eval-every={max(1, args.grad_rounds // 10)}")
             overrides = overrides.replace(f"checkpoint-every={fill['eval_every']}",
                                           f"checkpoint-every={max(1, args.grad_rounds // 10)}")
-        seconds = run(name, overrides, out, args.clients)
+        if args.only is None or name in args.only:
+            summary["runs"][name] = {"command": summary["command"], "overrides": overrides,
+                                     "wall_seconds": run(name, overrides, out, args.clients)}
+        elif (out / "summary.json").exists():  # keep what the earlier command recorded for this run
+            summary["runs"][name] = json.loads((out / "summary.json").read_text())["runs"][name]
+        if not (out / "runs" / name / "model.pt").exists():
+            print(f"({name}: no finished run in {out / 'runs'}; left out of the table)")
+            continue
         model = load_meta_model(out / "runs" / name / "model.pt")
         cfg = model.config
         source = partition.full_source(Config())
         for r in evaluate_protocol(cfg, model.params, source, tasks=600, shots=5, query_shots=100,
                                    steps=(0, 1, 5, 10), seed=cfg.seed + 2):
             rows.append({"run": name, **r})
-        summary["runs"][name] = {"overrides": overrides, "wall_seconds": seconds}
     central = REPO / "results" / "sinusoid_central" / "eval.csv"
     if central.exists():
         with central.open() as f:
@@ -95,7 +104,7 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=["run", "steps", "loss", "loss_ci95", "tasks", "shots"])
         w.writeheader()
         w.writerows(rows)
-    both = load_runs([out / "runs" / n for n in RUNS])
+    both = load_runs([out / "runs" / n for n in RUNS if (out / "runs" / n / "model.pt").exists()])
     both.rounds.to_csv(out / "rounds.csv", index=False)
     plot(both.rounds, out / "heldout_loss.png")
     ref = {r["steps"]: r["loss"] for r in rows if r["run"] == "central-maml"}

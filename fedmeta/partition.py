@@ -1,8 +1,11 @@
 """(partition id, number of partitions, seed) -> a client's private, non-IID task source.
 
 With `partition = "non-iid"` the family's main range is cut into `num_partitions` equal bins and
-each partition owns one bin, assigned by a seeded permutation (so held-out partitions sit at
-random places in the range, not at its edge):
+each partition owns one bin, assigned by a seeded permutation; held-out partitions draw from the
+interior bins only (never the first or last bin, when there are enough), so the training partitions
+cover the family's whole range and personalization is measured on unseen slices inside it rather
+than on extrapolation (an edge slice, e.g. amplitudes 4.5-5 never seen in training, makes
+10 adaptation steps at the trained inner rate diverge):
 - sinusoid: a slice of amplitudes (phases and x keep the full range);
 - quadratic: a slice of the scale of W;
 - omniglot: contiguous groups of alphabets instead: training partitions share the 30 background
@@ -39,9 +42,19 @@ def num_train_partitions(cfg: Config, num_partitions: int) -> int:
 
 
 def bin_of(cfg: Config, partition_id: int, num_partitions: int) -> int:
-    """The bin of the family's range that this partition owns (a seeded permutation)."""
+    """The bin of the family's range that this partition owns (a seeded permutation; held-out
+    partitions get interior bins)."""
     check(partition_id, num_partitions)
+    heldout = min(cfg.heldout_partitions, num_partitions)
     perm = torch.randperm(num_partitions, generator=seeding.generator(cfg.seed, "partition", num_partitions))
+    if num_partitions - heldout >= 2:  # enough training partitions to own both edges
+        edges = [b for b in perm.tolist() if b in (0, num_partitions - 1)]
+        interior = [b for b in perm.tolist() if b not in edges]
+        bins = interior[:heldout]  # the held-out partitions' bins
+        rest = edges + interior[heldout:]
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=seeding.generator(
+            cfg.seed, "partition", num_partitions, 1)).tolist()]
+        perm = torch.tensor(rest + bins)  # training partitions first, held-out last
     return int(perm[partition_id])
 
 

@@ -54,6 +54,18 @@ def test_non_iid_partitions_cover_the_range_disjointly():
         partition.task_source(cfg, 10, 10)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_heldout_partitions_own_interior_slices(seed):
+    """Training partitions cover both edges of the range: held-out clients interpolate, never extrapolate."""
+    for n, heldout in ((10, 2), (5, 3), (4, 1)):
+        cfg = Config(seed=seed, heldout_partitions=heldout)
+        bins = [partition.bin_of(cfg, p, n) for p in range(n)]
+        assert sorted(bins) == list(range(n))
+        assert {0, n - 1} <= set(bins[:n - heldout])
+    other = [partition.bin_of(Config(seed=seed + 1), p, 10) for p in range(10)]
+    assert other != [partition.bin_of(Config(seed=seed), p, 10) for p in range(10)]  # the seed matters
+
+
 @pytest.mark.parametrize("bad", [
     Episode(torch.zeros(2, 5, 1), torch.zeros(3, 5, 1), torch.zeros(2, 5, 1), torch.zeros(2, 5, 1)),
     Episode(torch.zeros(2, 5, 1), torch.zeros(2, 4, 1), torch.zeros(2, 5, 1), torch.zeros(2, 5, 1)),

@@ -90,7 +90,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fraction", type=float, default=0.2, help="training clients sampled per round")
     p.add_argument("--heldout", type=int, default=5, help="held-out clients (the 20 evaluation alphabets)")
     p.add_argument("--eval-tasks", type=int, default=100, help="episodes per held-out client")
-    p.add_argument("--eval-every", type=int, default=3)
+    p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--alone", type=int, default=3, help="clients trained alone")
     p.add_argument("--val-tasks", type=int, default=300, help="background episodes to tune FedAvg fine-tuning")
     p.add_argument("--only", nargs="*", choices=[*RUNS, "fedavg-global", "alone"], help="run only these")
@@ -115,7 +115,8 @@ def base_config(args: argparse.Namespace) -> Config:
                   inner_lr=0.4, meta_lr=1e-3, meta_batch_size=args.batch, eval_shots=1, eval_query_shots=1,
                   eval_steps=3, eval_tasks=args.eval_tasks, heldout_partitions=args.heldout,
                   fraction_train=args.fraction, num_rounds=args.rounds, local_iterations=args.local,
-                  eval_every=args.eval_every, seed=args.seed, algorithm="maml")
+                  eval_every=args.eval_every, seed=args.seed, algorithm="maml",
+                  threads=args.threads)  # fedmeta.local.algorithm sets torch's threads from it
 
 
 # --- held-out evaluation, exactly as the held-out clients do it (fedmeta.local.evaluate) ---------------

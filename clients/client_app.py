@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 
 from fedmeta import local, wire
 from fedmeta.config import Config
+from fedmeta.optim import adam_flatten, adam_unflatten
 
 app = ClientApp()
 NODE_KEYS = ("data-dir",)  # run-config keys a node may set for itself in its node config
@@ -31,6 +32,20 @@ def _client(msg: Message, context: Context) -> local.Client:
     return local.client(cfg, int(node["partition-id"]), int(node["num-partitions"]))
 
 
+def _load_optimizer(context: Context, params: dict) -> dict | None:
+    """The local Adam this node kept from its previous round (context.state), if it fits the model."""
+    if wire.OPTIMIZER_MOMENTS not in context.state.array_records:
+        return None
+    flat = context.state.array_records[wire.OPTIMIZER_MOMENTS].to_torch_state_dict()
+    return adam_unflatten(flat, int(context.state.metric_records[wire.OPTIMIZER_STEP]["step"]), params)
+
+
+def _save_optimizer(context: Context, state: dict) -> None:
+    flat, step = adam_flatten(state)
+    context.state[wire.OPTIMIZER_MOMENTS] = ArrayRecord(flat)
+    context.state[wire.OPTIMIZER_STEP] = MetricRecord({"step": step})
+
+
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     c = _client(msg, context)
@@ -45,7 +60,10 @@ def train(msg: Message, context: Context) -> Message:
     if c.heldout:
         raise RuntimeError(f"partition {c.partition_id} is held out and never trains")
     meta_params = dict(msg.content[wire.ARRAYS].to_torch_state_dict())
-    out = local.train(c, meta_params, int(msg.content[wire.CONFIG][wire.SERVER_ROUND]))
+    state = _load_optimizer(context, meta_params) if c.cfg.keep_optimizer_state else None
+    out = local.train(c, meta_params, int(msg.content[wire.CONFIG][wire.SERVER_ROUND]), state)
+    if c.cfg.keep_optimizer_state and out.optimizer_state is not None:
+        _save_optimizer(context, out.optimizer_state)
     key = wire.GRADIENT if c.cfg.fusion == "meta-gradient" else wire.ARRAYS
     metrics = MetricRecord({wire.WEIGHT: out.num_tasks, wire.NUM_TASKS: out.num_tasks,
                             wire.TRAIN_LOSS: out.loss, wire.SECONDS: out.seconds})

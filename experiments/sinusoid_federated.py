@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import subprocess
 import sys
 import time
@@ -87,39 +88,52 @@ def main() -> None:
         if not (out / "runs" / name / "model.pt").exists():
             print(f"({name}: no finished run in {out / 'runs'}; left out of the table)")
             continue
-        model = load_meta_model(out / "runs" / name / "model.pt")
-        cfg = model.config
-        source = partition.full_source(Config())
-        for r in evaluate_protocol(cfg, model.params, source, tasks=600, shots=5, query_shots=100,
-                                   steps=(0, 1, 5, 10), seed=cfg.seed + 2):
-            rows.append({"run": name, **r})
-    central = REPO / "results" / "sinusoid_central" / "eval.csv"
+        rows += evaluate_run(name, load_meta_model(out / "runs" / name / "model.pt"), tune=name == "fedavg")
+    central = REPO / "results" / "sinusoid_central" / "maml.pt"  # experiments/sinusoid_central.py
     if central.exists():
-        with central.open() as f:
-            for r in csv.DictReader(f):
-                if r["algorithm"] == "maml":
-                    rows.append({"run": "central-maml", "steps": int(r["steps"]), "loss": float(r["loss"]),
-                                 "loss_ci95": float(r["loss_ci95"]), "tasks": int(r["tasks"]), "shots": int(r["shots"])})
+        rows += evaluate_run("central-maml", load_meta_model(central), tune=False)
     with (out / "eval.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["run", "steps", "loss", "loss_ci95", "tasks", "shots"])
+        w = csv.DictWriter(f, fieldnames=["run", "steps", "loss", "loss_ci95", "median", "diverged", "inner_lr",
+                                          "tasks", "shots"])
         w.writeheader()
         w.writerows(rows)
     both = load_runs([out / "runs" / n for n in RUNS if (out / "runs" / n / "model.pt").exists()])
     both.rounds.to_csv(out / "rounds.csv", index=False)
     plot(both.rounds, out / "heldout_loss.png")
     ref = {r["steps"]: r["loss"] for r in rows if r["run"] == "central-maml"}
-    lines = ["| run | MSE 1 step | MSE 5 steps | MSE 10 steps | vs central (10 steps) |", "|---|---|---|---|---|"]
+    lines = ["| run | MSE 1 step | MSE 5 steps | MSE 10 steps | median, 10 steps | tasks diverged (10 steps) "
+             "| step size | vs central (mean, 10 steps) |", "|---|---|---|---|---|---|---|---|"]
     for name in [*RUNS, "central-maml"]:
         got = {r["steps"]: r for r in rows if r["run"] == name}
         if not got:
             continue
         rel = f"{got[10]['loss'] / ref[10] - 1:+.1%}" if ref else ""
         lines.append(f"| {name} | " + " | ".join(f"{got[k]['loss']:.3f} ± {got[k]['loss_ci95']:.3f}" for k in (1, 5, 10))
+                     + f" | {got[10]['median']:.3f} | {got[10]['diverged']} / {got[10]['tasks']} | {got[10]['inner_lr']:g}"
                      + f" | {rel} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     summary["eval"] = rows
     write_json(out / "summary.json", summary)
     print("\n".join(lines))
+
+
+FINETUNE_LR = (0.001, 0.003, 0.01, 0.03)  # step sizes tried for fine-tuning the FedAvg regressor
+
+
+def evaluate_run(name: str, model, tune: bool) -> list[dict]:
+    """The protocol on 600 fresh tasks of the whole family (5-shot, 100 query points, 1/5/10 steps).
+    MAML models adapt with their own inner rate (part of what was meta-learned); the FedAvg regressor is
+    fine-tuned with the rate from FINETUNE_LR that is best after 10 steps on 200 separate validation tasks."""
+    cfg, source = model.config, partition.full_source(Config())
+    if tune:
+        def val(lr: float) -> float:
+            r = evaluate_protocol(cfg.replace(inner_lr=lr), model.params, source, tasks=200, shots=5,
+                                  query_shots=100, steps=(10,), seed=cfg.seed + 3)[0]
+            return r["loss"] if math.isfinite(r["loss"]) else math.inf
+        cfg = cfg.replace(inner_lr=min(FINETUNE_LR, key=val))
+    rows = evaluate_protocol(cfg, model.params, source, tasks=600, shots=5, query_shots=100, steps=(0, 1, 5, 10),
+                             seed=cfg.seed + 2)
+    return [{"run": name, **r, "inner_lr": cfg.inner_lr} for r in rows]
 
 
 def plot(rounds, path: Path) -> None:

@@ -79,6 +79,9 @@ class Config:
     num_rounds: int = 5
     local_iterations: int = 50
     fusion: str = "average"
+    # "average": the client's Adam moments survive rounds (in Flower's context.state); False: a fresh
+    # Adam every round, whose first steps are sign-like (lr per coordinate) whatever the gradient noise
+    keep_optimizer_state: bool = True
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     heldout_partitions: int = 2  # the last partitions: never trained on, used for evaluation

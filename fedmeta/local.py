@@ -70,10 +70,12 @@ class TrainResult:
     num_tasks: int
     loss: float
     seconds: float
+    optimizer_state: dict | None = None  # the local Adam after the round ("average"), to keep
 
 
-def train(c: Client, meta_params: Params, server_round: int) -> TrainResult:
-    """Local meta-training for one round starting from the global meta-parameters."""
+def train(c: Client, meta_params: Params, server_round: int, optimizer_state: dict | None = None) -> TrainResult:
+    """Local meta-training for one round starting from the global meta-parameters (and, if given,
+    the local Adam state the client kept from its previous round)."""
     t0 = time.perf_counter()
     cfg = c.cfg
     episodes = train_episodes(cfg, c.source, c.partition_id, server_round, cfg.local_iterations)
@@ -83,10 +85,11 @@ def train(c: Client, meta_params: Params, server_round: int) -> TrainResult:
         arrays = {k: torch.stack([g[k] for g in grads]).mean(0) for k in meta_params}
         loss = sum(losses) / len(losses)
     else:
-        arrays, _, curve = c.algo.train(meta_params, None, lambda i: episodes[i], len(episodes))
+        arrays, optimizer_state, curve = c.algo.train(meta_params, optimizer_state, lambda i: episodes[i],
+                                                      len(episodes))
         loss = sum(curve) / len(curve)
     tasks = sum(ep.num_tasks for ep in episodes)
-    return TrainResult(arrays, tasks, loss, time.perf_counter() - t0)
+    return TrainResult(arrays, tasks, loss, time.perf_counter() - t0, optimizer_state)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,27 @@ def adam_init(params: Params) -> dict:
             "exp_avg_sq": {k: torch.zeros_like(v) for k, v in params.items()}}
 
 
+def adam_flatten(state: dict) -> tuple[Params, int]:
+    """Adam state -> (flat tensors "exp_avg/<name>", "exp_avg_sq/<name>"; step) for storage."""
+    flat = {f"{part}/{k}": v for part in ("exp_avg", "exp_avg_sq") for k, v in state[part].items()}
+    return flat, int(state["step"])
+
+
+def adam_unflatten(flat: Params, step: int, params: Params) -> dict | None:
+    """The inverse of `adam_flatten`, or None when the stored state does not fit `params` (other
+    keys or shapes: a different model), so that the caller starts a fresh Adam."""
+    state = {"step": int(step), "exp_avg": {}, "exp_avg_sq": {}}
+    if len(flat) != 2 * len(params):
+        return None
+    for part in ("exp_avg", "exp_avg_sq"):
+        for k, p in params.items():
+            v = flat.get(f"{part}/{k}")
+            if v is None or v.shape != p.shape or v.dtype != p.dtype:
+                return None
+            state[part][k] = v
+    return state
+
+
 @torch.no_grad()
 def adam_step(params: Params, grads: Params, state: dict, lr: float,
               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> tuple[Params, dict]:

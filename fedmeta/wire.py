@@ -7,6 +7,10 @@ GRADIENT = "meta-gradient"  # ArrayRecord: client -> server in "meta-gradient" f
 CONFIG = "config"  # ConfigRecord: the run config (kebab-case Config mapping) + the keys below
 METRICS = "metrics"  # MetricRecord
 
+# context.state keys of a ClientApp (kept by the node across rounds of a run)
+OPTIMIZER_MOMENTS = "fedmeta.optimizer.moments"  # ArrayRecord "exp_avg/<name>", "exp_avg_sq/<name>"
+OPTIMIZER_STEP = "fedmeta.optimizer.step"  # MetricRecord {"step": int}
+
 # ConfigRecord keys added by the server
 SERVER_ROUND = "server-round"
 

@@ -9,7 +9,7 @@ from fedmeta import algorithms, seeding
 from fedmeta.algorithms import NonFiniteLossError
 from fedmeta.config import Config
 from fedmeta.models import MLP, params_of
-from fedmeta.optim import adam_init, adam_step
+from fedmeta.optim import adam_flatten, adam_init, adam_step, adam_unflatten
 from fedmeta.tasks import Episode
 from fedmeta.tasks.sinusoid import SinusoidTasks
 
@@ -221,3 +221,15 @@ def test_wrong_feature_shape_is_a_clear_error():
     ep = Episode(torch.zeros(2, 5, 3), torch.zeros(2, 5, 1), torch.zeros(2, 5, 3), torch.zeros(2, 5, 1))
     with pytest.raises(ValueError, match="do not fit model"):
         algo.meta_gradient(params, ep)
+
+
+def test_adam_state_flattens_for_storage_and_refuses_another_model():
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    _, state = adam_step(params, {k: torch.randn_like(v) for k, v in params.items()}, adam_init(params), lr=0.1)
+    flat, step = adam_flatten(state)
+    assert step == 1 and set(flat) == {"exp_avg/w", "exp_avg/b", "exp_avg_sq/w", "exp_avg_sq/b"}
+    back = adam_unflatten(flat, step, params)
+    assert back["step"] == 1 and all(torch.equal(back[p][k], state[p][k])
+                                     for p in ("exp_avg", "exp_avg_sq") for k in params)
+    assert adam_unflatten(flat, step, {"w": params["w"]}) is None  # other keys
+    assert adam_unflatten(flat, step, {**params, "w": torch.zeros(2, 3)}) is None  # other shape

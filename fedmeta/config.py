@@ -76,8 +76,8 @@ class Config:
     eval_tasks: int = 100
 
     # --- federation -----------------------------------------------------------------------
-    num_rounds: int = 5
-    local_iterations: int = 50
+    num_rounds: int = 10
+    local_iterations: int = 200
     fusion: str = "average"
     # "average": the client's Adam moments survive rounds (in Flower's context.state); False: a fresh
     # Adam every round, whose first steps are sign-like (lr per coordinate) whatever the gradient noise

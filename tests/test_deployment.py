@@ -233,7 +233,7 @@ def _leftovers(workdir: Path) -> list[int]:
     return marked(f"FLWR_HOME={workdir}/")
 
 
-@pytest.mark.slow  # ~65 s on 2 cores; the same federation as the default TLS test, across namespaces
+# ~65 s on 2 cores; the same federation as the default TLS test, across namespaces (skipped without root)
 def test_launcher_cli_in_separate_network_namespaces(tmp_path):
     """`python -m deploy.launch --netns`: SuperLink, 3 SuperNodes and the CLI in their own namespaces."""
     ok, why = netns.available()

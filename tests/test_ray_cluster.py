@@ -121,7 +121,7 @@ class RayCluster:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-@pytest.mark.slow  # ~40 s on 2 cores: two raylets and a simulation
+# ~40 s on 2 cores: two raylets and a simulation
 def test_fedmeta_run_attaches_to_a_multi_node_ray_cluster(tmp_path):
     if not (BIN / "ray").exists():
         pytest.skip("the `ray` command is not installed (pip install 'flwr[simulation]')")

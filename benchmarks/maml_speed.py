@@ -25,12 +25,9 @@ first-call column is an honest compile warm-up.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -40,65 +37,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value
+from torch.func import grad_and_value
 
 from fedmeta import seeding
 from fedmeta.algorithms import fast
 from fedmeta.algorithms.base import COMPILE_OPTIONS
 from fedmeta.algorithms.maml import MAML
 from fedmeta.config import Config
-from fedmeta.tasks import Episode
+from references import higher_path, loop_path, machine_info, quantile, time_paths
 from fedmeta.tasks.sinusoid import SinusoidTasks
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"loop": 25, "higher": 40}  # speed-ups the issue asks of fedmeta-compile
 
-
-def loop_path(algo: MAML):
-    """The textbook per-task loop with autograd (create_graph=True keeps the Hessian terms)."""
-    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
-
-    def run(meta_params, episode):
-        init = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
-        total = 0.0
-        for xs, ys, xq, yq in zip(*episode):  # one task: (shots, 1) each
-            params = init
-            for _ in range(steps):
-                loss = F.mse_loss(functional_call(algo.model, params, (xs,)), ys)
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-                params = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
-            total = total + F.mse_loss(functional_call(algo.model, params, (xq,)), yq)
-        loss = total / episode.num_tasks
-        grads = torch.autograd.grad(loss, list(init.values()))
-        return dict(zip(init, grads)), float(loss)
-
-    return run
-
-
-def higher_path(algo: MAML):
-    """`higher`'s MAML recipe: innerloop_ctx per task, the query loss backpropagated per task."""
-    import higher
-
-    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
-    model = copy.deepcopy(algo.model)
-    inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def run(meta_params, episode):
-        with torch.no_grad():
-            for k, p in model.named_parameters():
-                p.copy_(meta_params[k])
-                p.grad = None
-        total = 0.0
-        for xs, ys, xq, yq in zip(*episode):
-            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
-                for _ in range(steps):
-                    diffopt.step(F.mse_loss(fmodel(xs), ys))
-                query = F.mse_loss(fmodel(xq), yq) / episode.num_tasks
-                query.backward()
-                total += float(query)
-        return {k: p.grad.clone() for k, p in model.named_parameters()}, total
-
-    return run
 
 
 def fedmeta_path(cfg: Config):
@@ -116,24 +67,6 @@ def raw_path(fn, compile_options: dict | None):
     return run
 
 
-def time_paths(paths: dict, meta_params, episode: Episode, reps: int, warmup: int) -> dict:
-    """Seconds per call of every path, interleaved (rotating order) so that load hits all alike."""
-    for run in paths.values():
-        for _ in range(warmup):
-            run(meta_params, episode)
-    names = list(paths)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            paths[n](meta_params, episode)
-            times[n].append(time.perf_counter() - start)
-    return times
-
-
-def quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
-
 
 def bench(steps: int, args) -> list[dict]:
     cfg = Config(inner_steps=steps, meta_batch_size=args.tasks, shots=args.shots, query_shots=args.shots)
@@ -142,9 +75,9 @@ def bench(steps: int, args) -> list[dict]:
         raise SystemExit("the closed-form path does not apply to this setting; nothing to compare")
     meta_params = algo.init(seeding.generator(args.seed, "init"))
     episode = SinusoidTasks().sample(args.tasks, args.shots, args.shots, seeding.generator(args.seed, "train"))
-    paths = {"loop": loop_path(algo)}
+    paths = {"loop": loop_path(algo, F.mse_loss)}
     try:
-        paths["higher"] = higher_path(algo)
+        paths["higher"] = higher_path(algo, F.mse_loss)
     except ImportError:
         print("NOTE: `higher` is not installed (pip install -e '.[bench]'); skipping the higher path")
     paths["fedmeta-eager"] = fedmeta_path(cfg)
@@ -179,17 +112,6 @@ def bench(steps: int, args) -> list[dict]:
         })
     return rows
 
-
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    try:
-        higher_version = importlib.metadata.version("higher")
-    except importlib.metadata.PackageNotFoundError:
-        higher_version = None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "higher": higher_version, "threads": torch.get_num_threads(),
-            "loadavg_start": os.getloadavg()}
 
 
 def write(rows: list[dict], info: dict, out: Path) -> None:

@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value
+from torch.func import grad_and_value
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedmeta import seeding
@@ -48,57 +46,13 @@ from fedmeta.algorithms import grouped
 from fedmeta.algorithms.maml import MAML
 from fedmeta.config import Config
 from fedmeta.tasks import Episode
+from references import higher_path, loop_path, machine_info, quantile, time_paths
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_VS_HIGHER = 3.0  # speed-up the issue asks of the fast path
 
 
 # --- the paths ------------------------------------------------------------------------------------------
-def loop_path(algo: MAML):
-    """The textbook per-task loop with autograd (create_graph=True keeps the Hessian terms)."""
-    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
-
-    def run(meta_params, episode):
-        init = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
-        total = 0.0
-        for xs, ys, xq, yq in zip(*episode):  # one task: (ways * shots, 1, 28, 28), (ways * shots,)
-            params = init
-            for _ in range(steps):
-                loss = F.cross_entropy(functional_call(algo.model, params, (xs,)), ys)
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-                params = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
-            total = total + F.cross_entropy(functional_call(algo.model, params, (xq,)), yq)
-        loss = total / episode.num_tasks
-        return dict(zip(init, torch.autograd.grad(loss, list(init.values())))), float(loss)
-
-    return run
-
-
-def higher_path(algo: MAML):
-    """`higher`'s MAML recipe: innerloop_ctx per task, the query loss backpropagated per task."""
-    import higher
-
-    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
-    model = copy.deepcopy(algo.model)
-    inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def run(meta_params, episode):
-        with torch.no_grad():
-            for k, p in model.named_parameters():
-                p.copy_(meta_params[k])
-                p.grad = None
-        total = 0.0
-        for xs, ys, xq, yq in zip(*episode):
-            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
-                for _ in range(steps):
-                    diffopt.step(F.cross_entropy(fmodel(xs), ys))
-                query = F.cross_entropy(fmodel(xq), yq) / episode.num_tasks
-                query.backward()
-                total += float(query)
-        return {k: p.grad.clone() for k, p in model.named_parameters()}, total
-
-    return run
-
 
 def raw_path(fn):
     """A (meta_params, episode) -> (grads, loss tensor) function."""
@@ -173,21 +127,6 @@ def matmul_peak(threads: int, sizes=(512, 1024, 2048), reps: int = 7) -> dict:
 
 
 # --- timing -----------------------------------------------------------------------------------------------
-def time_paths(paths: dict, meta_params, episode: Episode, reps: int) -> dict:
-    """Seconds per call of every path, interleaved (rotating order) so that load hits all alike."""
-    names = list(paths)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            paths[n](meta_params, episode)
-            times[n].append(time.perf_counter() - start)
-    return times
-
-
-def quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
-
 
 def episode_for(args, cfg: Config, query: int) -> Episode:
     g = seeding.generator(args.seed, "train", query)
@@ -211,9 +150,9 @@ def bench(query: int, args, peaks: dict) -> tuple[list[dict], dict]:
     meta_params = algo.init(seeding.generator(args.seed, "init"))
     episode = episode_for(args, cfg, query)
     generic = grad_and_value(algo.meta_loss)
-    paths = {"loop": loop_path(algo)}
+    paths = {"loop": loop_path(algo, F.cross_entropy)}
     try:
-        paths["higher"] = higher_path(algo)
+        paths["higher"] = higher_path(algo, F.cross_entropy)
     except ImportError:
         print("NOTE: `higher` is not installed (pip install -e '.[bench]'); skipping the higher path")
     if not args.skip_generic and (args.generic_query is None or query in args.generic_query):
@@ -268,17 +207,6 @@ def bench(query: int, args, peaks: dict) -> tuple[list[dict], dict]:
 
 
 # --- output -----------------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    try:
-        higher_version = importlib.metadata.version("higher")
-    except importlib.metadata.PackageNotFoundError:
-        higher_version = None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "higher": higher_version, "mkldnn": torch.backends.mkldnn.is_available(),
-            "loadavg_start": os.getloadavg()}
-
 
 def write(rows: list[dict], info: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,101 @@
+"""What the speed benchmarks measure fedmeta against, and their shared timing tools.
+
+- `loop_path`: the textbook second-order MAML meta-gradient, a Python loop over tasks with autograd
+  (create_graph=True keeps the Hessian terms);
+- `higher_path`: `higher` 0.2.1's MAML recipe (innerloop_ctx per task, the query loss backpropagated
+  per task); `pip install ".[bench]"`.
+Both take the task loss (`F.mse_loss` for regression, `F.cross_entropy` for classification).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.func import functional_call
+
+from fedmeta.algorithms.maml import MAML
+from fedmeta.tasks import Episode
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def loop_path(algo: MAML, loss_fn: Loss):
+    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
+
+    def run(meta_params, episode: Episode):
+        init = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
+        total = 0.0
+        for xs, ys, xq, yq in zip(*episode):  # one task: (shots, ...) each
+            params = init
+            for _ in range(steps):
+                loss = loss_fn(functional_call(algo.model, params, (xs,)), ys)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+                params = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+            total = total + loss_fn(functional_call(algo.model, params, (xq,)), yq)
+        loss = total / episode.num_tasks
+        return dict(zip(init, torch.autograd.grad(loss, list(init.values())))), float(loss.detach())
+
+    return run
+
+
+def higher_path(algo: MAML, loss_fn: Loss):
+    import higher
+
+    steps, lr = algo.cfg.inner_steps, algo.cfg.inner_lr
+    model = copy.deepcopy(algo.model)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def run(meta_params, episode: Episode):
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(meta_params[k])
+                p.grad = None
+        total = 0.0
+        for xs, ys, xq, yq in zip(*episode):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(steps):
+                    diffopt.step(loss_fn(fmodel(xs), ys))
+                query = loss_fn(fmodel(xq), yq) / episode.num_tasks
+                query.backward()
+                total += float(query)
+        return {k: p.grad.clone() for k, p in model.named_parameters()}, total
+
+    return run
+
+
+def time_paths(paths: dict, meta_params, episode: Episode, reps: int, warmup: int = 0) -> dict:
+    """Seconds per call of every path, interleaved (rotating order) so that load hits all alike."""
+    for run in paths.values():
+        for _ in range(warmup):
+            run(meta_params, episode)
+    names = list(paths)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            start = time.perf_counter()
+            paths[n](meta_params, episode)
+            times[n].append(time.perf_counter() - start)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+def machine_info() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    try:
+        higher_version = importlib.metadata.version("higher")
+    except importlib.metadata.PackageNotFoundError:
+        higher_version = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "higher": higher_version, "threads": torch.get_num_threads(),
+            "mkldnn": torch.backends.mkldnn.is_available(), "loadavg_start": os.getloadavg()}

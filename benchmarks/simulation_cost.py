@@ -70,6 +70,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--poll-interval", type=float, default=Config().poll_interval,
+                   help="fedmeta's reply poll (seconds; the run-config key poll-interval)")
     p.add_argument("--out", default=str(REPO / "results" / "simulation_cost"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -78,7 +80,8 @@ def main() -> None:
     rows = []
     for n in args.clients:
         cfg = Config(num_rounds=args.rounds, local_iterations=1, meta_batch_size=1, heldout_partitions=0,
-                     eval_every=10**6, checkpoint_every=10**6, min_train_nodes=2)
+                     eval_every=10**6, checkpoint_every=10**6, min_train_nodes=2,
+                     poll_interval=args.poll_interval)
         params = algorithms.build(cfg).init(seeding.generator(0, "init"))
         # stock Flower: round 1 includes worker start-up, so it is reported apart
         stamps: list[float] = []

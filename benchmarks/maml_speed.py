@@ -25,8 +25,6 @@ first-call column is an honest compile warm-up.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import shutil
 import statistics
@@ -44,7 +42,7 @@ from fedmeta.algorithms import fast
 from fedmeta.algorithms.base import COMPILE_OPTIONS
 from fedmeta.algorithms.maml import MAML
 from fedmeta.config import Config
-from references import higher_path, loop_path, machine_info, quantile, time_paths
+from references import higher_path, loop_path, machine_info, quantile, time_paths, write_rows
 from fedmeta.tasks.sinusoid import SinusoidTasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,12 +113,7 @@ def bench(steps: int, args) -> list[dict]:
 
 
 def write(rows: list[dict], info: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "maml_speed.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "summary.json").write_text(json.dumps({**info, "results": rows}, indent=2) + "\n")
+    write_rows(out, "maml_speed", rows, info)
     lines = ["# Second-order MAML meta-iteration, sinusoid (1-40-40-1 MLP, 25 tasks, K=10+10, inner lr 0.01)", "",
              f"Command: `{info['command']}`  ",
              f"Machine: {info['cpu']}, {info['cpus']} cores, torch {info['torch']}, higher {info['higher']}, "

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
 import statistics
 import sys
@@ -46,7 +44,7 @@ from fedmeta.algorithms import grouped
 from fedmeta.algorithms.maml import MAML
 from fedmeta.config import Config
 from fedmeta.tasks import Episode
-from references import higher_path, loop_path, machine_info, quantile, time_paths
+from references import higher_path, loop_path, machine_info, quantile, time_paths, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_VS_HIGHER = 3.0  # speed-up the issue asks of the fast path
@@ -209,12 +207,7 @@ def bench(query: int, args, peaks: dict) -> tuple[list[dict], dict]:
 # --- output -----------------------------------------------------------------------------------------------
 
 def write(rows: list[dict], info: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "omniglot_speed.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "summary.json").write_text(json.dumps({**info, "results": rows}, indent=2) + "\n")
+    write_rows(out, "omniglot_speed", rows, info)
     a = info["args"]
     lines = [f"# Second-order MAML meta-iteration, Omniglot {a['ways']}-way {a['shots']}-shot "
              f"(conv4 64 filters, meta-batch {a['tasks']}, 1 inner step alpha = {a['inner_lr']})", "",

@@ -99,3 +99,16 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "higher": higher_version, "threads": torch.get_num_threads(),
             "mkldnn": torch.backends.mkldnn.is_available(), "loadavg_start": os.getloadavg()}
+
+
+def write_rows(out, name: str, rows: list[dict], info: dict) -> None:
+    """`<out>/<name>.csv` (one row per path and setting) and `<out>/summary.json` (machine info + rows)."""
+    import csv
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps({**info, "results": rows}, indent=2) + "\n")

@@ -18,6 +18,10 @@ from typing import Any
 TASKS = ("sinusoid", "quadratic", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "lstm", "pretrain")
 FUSIONS = ("average", "meta-gradient")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "clipped-mean", "krum")
+WEIGHT_POLICIES = ("claimed", "equal", "capped")
+SERVER_OPTIMIZERS = ("auto", "sgd", "adam", "yogi", "adagrad")
+SCHEDULES = ("constant", "step", "cosine")
 PARTITIONS = ("non-iid", "iid")
 DEVICES = ("cpu", "cuda", "auto")
 OMNIGLOT_DRAWINGS = 20  # drawings per character: support + query per class cannot exceed it
@@ -79,28 +83,63 @@ class Config:
     num_rounds: int = 10
     local_iterations: int = 200
     fusion: str = "average"
-    # "average": the client's Adam moments survive rounds (in Flower's context.state); False: a fresh
+    # "average": each partition's local Adam survives rounds (the server keeps it, keyed by partition,
+    # sends it with the partition's next TRAIN message and stores it in checkpoints); False: a fresh
     # Adam every round, whose first steps are sign-like (lr per coordinate) whatever the gradient noise
     keep_optimizer_state: bool = True
     fraction_train: float = 1.0
-    min_train_nodes: int = 2
+    min_train_nodes: int = 1  # training partitions sampled per round at least (held-out ones never count)
+    min_train_replies: int = 1  # fewer valid replies in a round: the model stays unchanged (recorded)
     heldout_partitions: int = 2  # the last partitions: never trained on, used for evaluation
     partition: str = "non-iid"
+    # True: partitions are virtual clients that the server binds to nodes (simulation: no discovery, any
+    # node serves any partition); False: each node serves the partition of its node config (deployment
+    # with data of its own) and reports it once, when it first connects
+    assign_partitions: bool = True
+    num_partitions: int = 0  # 0: the number of nodes connected when the run starts (assign-partitions)
     eval_every: int = 1
-    server_lr: float = 1e-3  # Adam on the global meta-parameters in "meta-gradient" fusion
     server_eval_tasks: int = 0  # >0: the server also evaluates on fresh tasks of the full range
     max_client_weight: float = 1e6  # replies claiming more are rejected as absurd
-    round_timeout: float = 3600.0
+    node_wait_timeout: float = 120.0  # how long the server waits for enough nodes before failing
+    round_timeout: float = 3600.0  # how long a round waits for replies (stragglers are cut)
     poll_interval: float = 0.02  # seconds between the server's pulls of client replies
     checkpoint_every: int = 1
     results_dir: str = ""  # absolute path of the run directory's parent; "" = ./results
     run_name: str = ""  # "" = <task>-<algorithm>-<fusion>-<timestamp>
-    resume: str = ""  # path of a checkpoint to resume from
+    resume: str = ""  # a checkpoint, or a run directory / its checkpoints/ (the newest valid checkpoint)
+
+    # --- fusion: weight policy -> aggregator -> server optimizer (strategies/fusion.py) -------------
+    weight_policy: str = "claimed"  # "claimed" | "equal" | "capped" (at weight-cap x the round's median claim)
+    weight_cap: float = 3.0
+    aggregator: str = "mean"  # "mean" | "median" | "trimmed-mean" | "clipped-mean" | "krum"
+    trim_fraction: float = 0.1  # trimmed mean: drop this fraction of replies at each end, per coordinate
+    clip_multiple: float = 2.0  # clipped mean: each update clipped to clip-multiple x the round's median norm
+    krum_byzantine: int = 1  # (multi-)Krum: replies assumed Byzantine (f)
+    krum_select: int = 0  # multi-Krum: replies averaged (m); 0: n - f
+    # the server optimizer steps the pseudo-gradient: global - fused model ("average") or the fused
+    # meta-gradient ("meta-gradient"); "auto": SGD (lr 1 = plain averaging) for "average", Adam for
+    # "meta-gradient" (Reddi et al. 2021, "Adaptive Federated Optimization")
+    server_optimizer: str = "auto"  # "auto" | "sgd" | "adam" | "yogi" | "adagrad"
+    server_lr: float = 0.0  # 0: the optimizer's default (sgd 1.0, adam / yogi / adagrad 1e-3)
+    server_momentum: float = 0.0  # sgd only (FedAvgM)
+    server_beta1: float = 0.9
+    server_beta2: float = 0.999
+    server_eps: float = 1e-8  # adaptivity (tau in Reddi et al.)
+    server_lr_schedule: str = "constant"  # "constant" | "step" | "cosine" over the rounds
+    client_lr_schedule: str = "constant"  # the same, for the clients' meta-lr
+    schedule_step_every: int = 100  # "step": multiply by schedule-step-factor every this many rounds
+    schedule_step_factor: float = 0.5
+    schedule_min_factor: float = 0.0  # "cosine": the factor at the last round
+    # a fused pseudo-gradient longer than update-norm-cap x the median of recent rounds' (or, in the
+    # first round, of this round's replies') norms is scaled down to it; 0: off
+    update_norm_cap: float = 10.0
 
     def __post_init__(self) -> None:
         choice = {"task": TASKS, "algorithm": ALGORITHMS, "fusion": FUSIONS,
                   "partition": PARTITIONS, "device": DEVICES,
-                  "omniglot_split": ("character", "alphabet")}
+                  "omniglot_split": ("character", "alphabet"), "aggregator": AGGREGATORS,
+                  "weight_policy": WEIGHT_POLICIES, "server_optimizer": SERVER_OPTIMIZERS,
+                  "server_lr_schedule": SCHEDULES, "client_lr_schedule": SCHEDULES}
         for name, allowed in choice.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be one of {allowed}")
@@ -108,15 +147,36 @@ class Config:
                     "quadratic_dim", "quadratic_scale_min", "lstm_hidden", "lstm_layers", "lstm_unroll",
                     "lstm_horizon", "lstm_preprocess_p", "lstm_output_scale", "eval_shots",
                     "eval_tasks", "num_rounds", "local_iterations", "eval_every",
-                    "server_lr", "max_client_weight", "round_timeout", "poll_interval", "checkpoint_every", "min_train_nodes")
+                    "max_client_weight", "round_timeout", "poll_interval", "checkpoint_every", "min_train_nodes",
+                    "min_train_replies", "node_wait_timeout", "weight_cap", "clip_multiple", "server_eps",
+                    "schedule_step_every", "schedule_step_factor")
         for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{_key(name)} = {value!r}: must be a finite number > 0")
         for name in ("seed", "inner_steps", "eval_steps", "heldout_partitions", "server_eval_tasks",
-                     "eval_query_shots"):
+                     "eval_query_shots", "num_partitions", "server_lr", "server_momentum", "krum_byzantine",
+                     "krum_select", "schedule_min_factor", "update_norm_cap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be >= 0")
+        for name in ("server_lr", "server_momentum", "schedule_min_factor", "update_norm_cap"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be finite")
+        for name in ("server_momentum", "server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be in [0, 1)")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction = {self.trim_fraction}: must be in [0, 0.5)")
+        if self.schedule_min_factor > 1.0 or self.schedule_step_factor > 1.0:
+            raise ConfigError("schedule-min-factor and schedule-step-factor must be <= 1 (a schedule only decays)")
+        if self.weight_cap < 1.0:
+            raise ConfigError(f"weight-cap = {self.weight_cap}: must be >= 1 (a multiple of the median claim)")
+        if self.server_momentum and self.resolved_server_optimizer != "sgd":
+            raise ConfigError(f"server-momentum = {self.server_momentum} applies to server-optimizer = 'sgd' "
+                              f"only, not {self.resolved_server_optimizer!r}")
+        if self.num_partitions and self.heldout_partitions >= self.num_partitions:
+            raise ConfigError(f"heldout-partitions = {self.heldout_partitions} leaves no training partition "
+                              f"of num-partitions = {self.num_partitions}")
         if self.ways < 2:
             raise ConfigError(f"ways = {self.ways}: an episode needs at least 2 classes")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -144,6 +204,20 @@ class Config:
                                       f"{OMNIGLOT_DRAWINGS} drawings")
         if self.inner_steps == 0 and self.algorithm not in ("pretrain",):
             raise ConfigError("inner-steps = 0: meta-learning needs at least one inner step")
+
+    @property
+    def resolved_server_optimizer(self) -> str:
+        """`server-optimizer` with "auto" resolved: SGD for "average", Adam for "meta-gradient"."""
+        if self.server_optimizer != "auto":
+            return self.server_optimizer
+        return "adam" if self.fusion == "meta-gradient" else "sgd"
+
+    @property
+    def resolved_server_lr(self) -> float:
+        """`server-lr` with 0 resolved: 1.0 for SGD (plain averaging), 1e-3 for the adaptive optimizers."""
+        if self.server_lr:
+            return self.server_lr
+        return 1.0 if self.resolved_server_optimizer == "sgd" else 1e-3
 
     @property
     def eval_query(self) -> int:

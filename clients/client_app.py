@@ -1,13 +1,18 @@
-"""The ClientApp: each node meta-trains on its private task set and evaluates on held-out tasks.
+"""The ClientApp: each node meta-trains a partition's private task set and evaluates on held-out tasks.
 
-Handlers are thin: read the weights and config, get the (cached) client from `fedmeta.local`,
-call the core, build the reply. A failure raises (Flower turns it into an error reply that the
-strategy records); client code never kills its own process.
+Handlers are thin: read the weights and config, get the (cached) client from `fedmeta.local`, call the
+core, build the reply. A failure raises (Flower turns it into an error reply that the strategy
+records); client code never kills its own process. Which partition a node serves: the one the message
+names (assign-partitions, the default: the server binds virtual clients to nodes), else the node
+config's `partition-id` (deployment with data of the node's own). The partition's kept local
+optimizer state arrives with its TRAIN message and leaves with the reply: the node keeps nothing.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmeta import local, wire
@@ -18,13 +23,22 @@ app = ClientApp()
 NODE_KEYS = ("data-dir",)  # run-config keys a node may set for itself in its node config
 
 
+@lru_cache(maxsize=8)
+def _config(items: tuple) -> Config:
+    """The run's Config, parsed once per process (the same record arrives with every message)."""
+    return Config.from_mapping(dict(items))
+
+
 def _client(msg: Message, context: Context) -> local.Client:
-    run_config = {k: v for k, v in msg.content[wire.CONFIG].items() if k != wire.SERVER_ROUND}
     node = context.node_config  # simulation: set by the engine; deployment: `--node-config`
+    run_config = dict(msg.content[wire.CONFIG])
     for key in NODE_KEYS:  # a real node's own data location wins over the run's
         if key in node:
             run_config[key] = node[key]
-    cfg = Config.from_mapping(run_config)
+    cfg = _config(tuple(sorted(run_config.items())))
+    about = msg.content[wire.ROUND]
+    if wire.PARTITION_ID in about:  # assign-partitions: the server names the partition
+        return local.client(cfg, int(about[wire.PARTITION_ID]), int(about[wire.NUM_PARTITIONS]))
     for key in ("partition-id", "num-partitions"):
         if key not in node:
             raise KeyError(f"node config lacks {key!r}; start the SuperNode with "
@@ -32,25 +46,14 @@ def _client(msg: Message, context: Context) -> local.Client:
     return local.client(cfg, int(node["partition-id"]), int(node["num-partitions"]))
 
 
-def _load_optimizer(context: Context, params: dict) -> dict | None:
-    """The local Adam this node kept from its previous round (context.state), if it fits the model."""
-    if wire.OPTIMIZER_MOMENTS not in context.state.array_records:
-        return None
-    flat = context.state.array_records[wire.OPTIMIZER_MOMENTS].to_torch_state_dict()
-    return adam_unflatten(flat, int(context.state.metric_records[wire.OPTIMIZER_STEP]["step"]), params)
-
-
-def _save_optimizer(context: Context, state: dict) -> None:
-    flat, step = adam_flatten(state)
-    context.state[wire.OPTIMIZER_MOMENTS] = ArrayRecord(flat)
-    context.state[wire.OPTIMIZER_STEP] = MetricRecord({"step": step})
+def _identity(c: local.Client) -> dict:
+    return {wire.PARTITION_ID: c.partition_id, wire.NUM_PARTITIONS: c.num_partitions}
 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     c = _client(msg, context)
-    metrics = MetricRecord({wire.PARTITION_ID: c.partition_id, wire.NUM_PARTITIONS: c.num_partitions,
-                            wire.HELDOUT: int(c.heldout)})
+    metrics = MetricRecord({**_identity(c), wire.HELDOUT: int(c.heldout)})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
@@ -59,15 +62,22 @@ def train(msg: Message, context: Context) -> Message:
     c = _client(msg, context)
     if c.heldout:
         raise RuntimeError(f"partition {c.partition_id} is held out and never trains")
+    about: ConfigRecord = msg.content[wire.ROUND]
     meta_params = dict(msg.content[wire.ARRAYS].to_torch_state_dict())
-    state = _load_optimizer(context, meta_params) if c.cfg.keep_optimizer_state else None
-    out = local.train(c, meta_params, int(msg.content[wire.CONFIG][wire.SERVER_ROUND]), state)
-    if c.cfg.keep_optimizer_state and out.optimizer_state is not None:
-        _save_optimizer(context, out.optimizer_state)
+    kept = None
+    if wire.OPTIMIZER in msg.content.array_records:  # this partition's local Adam from its last round
+        flat = msg.content[wire.OPTIMIZER].to_torch_state_dict()
+        kept = adam_unflatten(flat, int(about[wire.OPTIMIZER_STEP]), meta_params)
+    out = local.train(c, meta_params, int(about[wire.SERVER_ROUND]), kept,
+                      lr_factor=float(about.get(wire.LR_FACTOR, 1.0)))
     key = wire.GRADIENT if c.cfg.fusion == "meta-gradient" else wire.ARRAYS
-    metrics = MetricRecord({wire.WEIGHT: out.num_tasks, wire.NUM_TASKS: out.num_tasks,
-                            wire.TRAIN_LOSS: out.loss, wire.SECONDS: out.seconds})
-    return Message(RecordDict({key: ArrayRecord(out.arrays), wire.METRICS: metrics}), reply_to=msg)
+    metrics = {wire.WEIGHT: out.num_tasks, wire.NUM_TASKS: out.num_tasks, wire.TRAIN_LOSS: out.loss,
+               wire.SECONDS: out.seconds, **_identity(c)}
+    records = {key: ArrayRecord(out.arrays)}
+    if c.cfg.keep_optimizer_state and out.optimizer_state is not None:
+        flat, metrics[wire.OPTIMIZER_STEP] = adam_flatten(out.optimizer_state)
+        records[wire.OPTIMIZER] = ArrayRecord(flat)
+    return Message(RecordDict({**records, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -75,7 +85,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     c = _client(msg, context)
     out = local.evaluate(c, dict(msg.content[wire.ARRAYS].to_torch_state_dict()))
     values = {wire.NUM_TASKS: out.num_tasks, wire.LOSS_PRE: out.loss_pre, wire.LOSS_POST: out.loss_post,
-              wire.SECONDS: out.seconds}
+              wire.SECONDS: out.seconds, **_identity(c)}
     if out.accuracy_pre is not None:
         values.update({wire.ACCURACY_PRE: out.accuracy_pre, wire.ACCURACY_POST: out.accuracy_post})
     return Message(RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)

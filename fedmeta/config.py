@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 TASKS = ("sinusoid", "quadratic", "omniglot")
-ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "lstm", "pretrain")
+ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "lstm", "pretrain", "pretrain-global")
 FUSIONS = ("average", "meta-gradient")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "clipped-mean", "krum")
 WEIGHT_POLICIES = ("claimed", "equal", "capped")
@@ -202,7 +202,10 @@ class Config:
                 if total > OMNIGLOT_DRAWINGS:
                     raise ConfigError(f"{_key(a)} + {_key(b)} = {total}: an omniglot character has only "
                                       f"{OMNIGLOT_DRAWINGS} drawings")
-        if self.inner_steps == 0 and self.algorithm not in ("pretrain",):
+        if self.algorithm == "pretrain-global" and self.task != "omniglot":
+            raise ConfigError(f"algorithm = 'pretrain-global' trains a classifier over global class labels; "
+                              f"task = {self.task!r} is not a classification task (use task = 'omniglot')")
+        if self.inner_steps == 0 and self.algorithm not in ("pretrain", "pretrain-global"):
             raise ConfigError("inner-steps = 0: meta-learning needs at least one inner step")
 
     @property

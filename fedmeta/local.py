@@ -4,6 +4,10 @@ meta-model (or its meta-gradient), and personalization evaluation on held-out ta
 Every random draw is derived from (seed, partition, round), so a client's tasks are the same
 whichever process or machine runs it; this is what lets the federated meta-gradient mode be
 checked exactly against a central run over the union of the clients' tasks.
+
+Devices: tasks are drawn on the CPU (the same numbers on any device), then the meta-parameters, the
+kept Adam state and each episode move to the algorithm's device (`cfg.device`, `fedmeta.devices`);
+what `train` and `evaluate` return is on the CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from . import algorithms, partition, seeding
+from . import algorithms, devices, partition, seeding
 from .algorithms import Algorithm
 from .config import Config
 from .optim import Params
@@ -52,10 +56,12 @@ def client(cfg: Config, partition_id: int, num_partitions: int) -> Client:
 
 
 def train_episodes(cfg: Config, source: TaskSource, partition_id: int, server_round: int,
-                   iterations: int) -> list[Episode]:
-    """The meta-batches a client trains on in a round (deterministic in seed, partition, round)."""
+                   iterations: int, algo: Algorithm | None = None) -> list[Episode]:
+    """The meta-batches a client trains on in a round (deterministic in seed, partition, round), on the
+    CPU, drawn as the algorithm draws them (`Algorithm.draw`; default: `algorithm(cfg)`'s)."""
     g = seeding.generator(cfg.seed, "train", partition_id, server_round)
-    return [source.sample(cfg.meta_batch_size, cfg.shots, cfg.query_shots, g) for _ in range(iterations)]
+    draw = (algo if algo is not None else algorithm(cfg)).draw
+    return [draw(source, g) for _ in range(iterations)]
 
 
 def eval_episode(cfg: Config, source: TaskSource, partition_id: int) -> Episode:
@@ -73,23 +79,27 @@ class TrainResult:
     optimizer_state: dict | None = None  # the local Adam after the round ("average"), to keep
 
 
-def train(c: Client, meta_params: Params, server_round: int, optimizer_state: dict | None = None) -> TrainResult:
+def train(c: Client, meta_params: Params, server_round: int, optimizer_state: dict | None = None,
+          lr_factor: float = 1.0) -> TrainResult:
     """Local meta-training for one round starting from the global meta-parameters (and, if given,
-    the local Adam state the client kept from its previous round)."""
+    the local Adam state the client kept from its previous round), on the algorithm's device, with
+    the local Adam's learning rate meta-lr x `lr_factor` (the round's client-lr-schedule factor)."""
     t0 = time.perf_counter()
-    cfg = c.cfg
-    episodes = train_episodes(cfg, c.source, c.partition_id, server_round, cfg.local_iterations)
+    cfg, device = c.cfg, c.algo.device
+    episodes = train_episodes(cfg, c.source, c.partition_id, server_round, cfg.local_iterations, c.algo)
+    meta_params = devices.to(meta_params, device)
     if cfg.fusion == "meta-gradient":
         # distributed MAML: the meta-gradient at the received parameters, averaged over batches
-        grads, losses = zip(*(c.algo.meta_gradient(meta_params, ep) for ep in episodes))
+        grads, losses = zip(*(c.algo.meta_gradient(meta_params, ep.to(device)) for ep in episodes))
         arrays = {k: torch.stack([g[k] for g in grads]).mean(0) for k in meta_params}
         loss = sum(losses) / len(losses)
     else:
-        arrays, optimizer_state, curve = c.algo.train(meta_params, optimizer_state, lambda i: episodes[i],
-                                                      len(episodes))
+        arrays, optimizer_state, curve = c.algo.train(meta_params, devices.to(optimizer_state, device),
+                                                      lambda i: episodes[i].to(device), len(episodes),
+                                                      lr=cfg.meta_lr * lr_factor)
         loss = sum(curve) / len(curve)
     tasks = sum(ep.num_tasks for ep in episodes)
-    return TrainResult(arrays, tasks, loss, time.perf_counter() - t0, optimizer_state)
+    return TrainResult(devices.cpu(arrays), tasks, loss, time.perf_counter() - t0, devices.cpu(optimizer_state))
 
 
 @dataclass(frozen=True)
@@ -103,12 +113,13 @@ class EvalResult:
 
 
 def evaluate(c: Client, meta_params: Params) -> EvalResult:
-    """Adapt the global meta-model to this client's held-out tasks; loss before and after."""
+    """Adapt the global meta-model to this client's held-out tasks (on the algorithm's device); loss
+    before and after."""
     t0 = time.perf_counter()
     cfg = c.cfg
     ep = eval_episode(cfg, c.source, c.partition_id)
     ev = algorithms.evaluate(c.algo, meta_params, ep, cfg.eval_steps,
-                             generator=seeding.generator(cfg.seed, "eval", c.partition_id, 1))
+                             generator=seeding.generator(cfg.seed, "eval", c.partition_id, "starts"))
     acc = ev.accuracy
     return EvalResult(ep.num_tasks, ev.mean(0), ev.mean(cfg.eval_steps),
                       None if acc is None else float(acc[0].mean()),

@@ -8,21 +8,28 @@
 - `linear`: the bias-free linear optimizee of the quadratic problems (theta in R^dim).
 - `optimizee`: a small sigmoid MLP (784-20-ways) classifying one Omniglot task, the optimizee of
   the LSTM meta-optimizer on images (Andrychowicz et al. 2016, §3.2 uses 20 sigmoid units on MNIST).
+- `conv4-global`: `conv4` with one output per class of the family's global label space (3856 for
+  the background alphabets with rotations), the classifier of `algorithm = "pretrain-global"`.
+
+Which model a task and algorithm take is `fedmeta.tasks.families` (`model_name`).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
 
 from .config import Config
+from .tasks import families
 
 
 class MLP(nn.Module):
     def __init__(self, sizes: tuple[int, ...] = (1, 40, 40, 1)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
@@ -84,16 +91,14 @@ def build(name: str, cfg: Config | None = None) -> nn.Module:
         return Linear(cfg.quadratic_dim)
     if name == "optimizee":
         return Optimizee(cfg.ways)
-    raise ValueError(f"unknown model {name!r}; known: mlp, conv4, linear, optimizee")
+    if name == "conv4-global":
+        return Conv4(families.global_classes(cfg))
+    raise ValueError(f"unknown model {name!r}; known: mlp, conv4, linear, optimizee, conv4-global")
 
 
 def model_name(cfg: Config) -> str:
-    """The model a task family is meant for (the optimizee, for the LSTM meta-optimizer)."""
-    if cfg.task == "sinusoid":
-        return "mlp"
-    if cfg.task == "quadratic":
-        return "linear"
-    return "optimizee" if cfg.algorithm == "lstm" else "conv4"
+    """The model `cfg.algorithm` trains on `cfg.task` (the table of `fedmeta.tasks.families`)."""
+    return families.model_name(cfg)
 
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,15 +4,17 @@
 # RecordDict keys
 ARRAYS = "arrays"  # ArrayRecord: meta-parameters (server -> client, client -> server in "average")
 GRADIENT = "meta-gradient"  # ArrayRecord: client -> server in "meta-gradient" fusion
-CONFIG = "config"  # ConfigRecord: the run config (kebab-case Config mapping) + the keys below
+OPTIMIZER = "optimizer-state"  # ArrayRecord "exp_avg/<name>", "exp_avg_sq/<name>": a partition's kept local Adam
+CONFIG = "config"  # ConfigRecord: the run config (the kebab-case Config mapping), the same for every message
+ROUND = "round"  # ConfigRecord: what this message is about (the keys below)
 METRICS = "metrics"  # MetricRecord
 
-# context.state keys of a ClientApp (kept by the node across rounds of a run)
-OPTIMIZER_MOMENTS = "fedmeta.optimizer.moments"  # ArrayRecord "exp_avg/<name>", "exp_avg_sq/<name>"
-OPTIMIZER_STEP = "fedmeta.optimizer.step"  # MetricRecord {"step": int}
-
-# ConfigRecord keys added by the server
+# ROUND keys
 SERVER_ROUND = "server-round"
+PARTITION_ID = "partition-id"  # with assign-partitions: the partition this message asks the node to serve
+NUM_PARTITIONS = "num-partitions"
+OPTIMIZER_STEP = "optimizer-step"  # the kept local Adam's step count (also in train replies' metrics)
+LR_FACTOR = "client-lr-factor"  # this round's factor on meta-lr (client-lr-schedule)
 
 # MetricRecord keys in client replies
 WEIGHT = "num-examples"  # the weight a client claims for its update (number of tasks it used)
@@ -23,6 +25,5 @@ LOSS_POST = "loss-post"  # ... after `eval-steps` adaptation steps
 ACCURACY_PRE = "accuracy-pre"
 ACCURACY_POST = "accuracy-post"
 SECONDS = "seconds"  # client-side compute time of the handler
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
-HELDOUT = "heldout"  # 1 if the partition never trains
+HELDOUT = "heldout"  # 1 if the partition never trains (query replies)
+# PARTITION_ID and NUM_PARTITIONS also name the partition a reply answers for (every reply carries them)

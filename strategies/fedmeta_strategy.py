@@ -1,300 +1,335 @@
-"""FedMeta: a Flower strategy (FedAvg extended) that fuses per-client meta-models.
+"""FedMeta: the server's round loop, fusing per-client meta-models (or meta-gradients) with checked replies.
 
-Each round: discover the partitions behind new nodes (a QUERY message), sample training
-partitions (seeded, held-out partitions never train), send the global meta-model, check every
-reply before any arithmetic (`fusion.validate`), fuse the valid ones by weighted averaging and
-let the server optimizer produce the next global model (`fusion.Replace` for "average",
-`fusion.AdamStep` for "meta-gradient"); every `eval-every` rounds the held-out partitions adapt
-the model to their tasks and report loss before/after. Rows go to the run directory as the round
-ends, with a checkpoint every `checkpoint-every` rounds.
+One round, as data (Chen et al. 2018, "Federated Meta-Learning with Fast Convergence and Efficient
+Communication"; distributed MAML for fusion = "meta-gradient"):
+
+    Roster.refresh -> sample_clients (seeded, training partitions only) -> TRAIN messages (global
+    meta-parameters, the run config, the partition's kept optimizer state) -> replies, each counted
+    once (`deliver`) -> size budget, then `fusion.validate` before any arithmetic -> `Fusion.fuse`
+    (weight policy -> aggregator -> norm guard -> server optimizer), unless fewer than
+    min-train-replies are valid -> EVALUATE messages to the held-out partitions -> one end-of-round
+    step: rows in rounds.csv / clients.csv, a checkpoint, a progress line.
+
+The loop has Flower's strategy shape (configure / aggregate per phase, `start`) and uses only Flower's
+public Grid and Message API; unlike `flwr.serverapp.strategy.Strategy.start` it can start at round k
+(resume), polls replies at `poll-interval` and carries each round's state explicitly (`RoundState`).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
 
-from fedmeta import seeding, wire
+from fedmeta import wire
 from fedmeta.config import Config
 from fedmeta.optim import Params
 from fedmeta.results import RunWriter
 
-from .fusion import Rejected, ServerOptimizer, validate, weighted_average
+from .fusion import Fusion, FusionError, Rejected, check_preconditions, check_size, client_lr_factor, validate
+from .roster import NodeInfo, Roster, Target
+from .sampling import sample_clients
 
-
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, interval: float,
-                     sent: dict[str, int] | None = None) -> list[Message]:
-    """Push messages and pull replies every `interval` seconds until all arrived or `timeout`.
-
-    `Grid.send_and_receive` polls every 0.1 s in simulation and every 3 s in deployment, which
-    puts a floor under every round; this uses the same Grid API with our own interval.
-    `sent`, when given, receives message id -> destination node (see `FedMeta.sender`).
-    """
-    messages = list(messages)
-    ids = list(grid.push_messages(messages))
-    if sent is not None:
-        sent.update({i: m.metadata.dst_node_id for i, m in zip(ids, messages) if i})
-    pending = {i for i in ids if i}
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(interval)
-    return replies
+EVAL_METRICS = {wire.LOSS_PRE: "eval_loss_pre", wire.LOSS_POST: "eval_loss_post",
+                wire.ACCURACY_PRE: "eval_accuracy_pre", wire.ACCURACY_POST: "eval_accuracy_post"}
 
 
 @dataclass(frozen=True)
-class NodeInfo:
-    partition_id: int
-    num_partitions: int
-    heldout: bool
+class RoundState:
+    """What one round has done so far: its row of rounds.csv and its rows of clients.csv."""
+
+    server_round: int
+    row: dict[str, Any] = field(default_factory=dict)
+    clients: tuple[dict[str, Any], ...] = ()
+
+    def with_row(self, **values: Any) -> RoundState:
+        return replace(self, row={**self.row, **values})
+
+    def with_clients(self, rows: Iterable[dict[str, Any]]) -> RoundState:
+        return replace(self, clients=self.clients + tuple(rows))
 
 
-class FedMeta(FedAvg):
-    """Weighted fusion of client meta-models (or meta-gradients) with checked replies."""
+@dataclass
+class Delivery:
+    """The replies to one phase's messages, each counted once."""
 
-    def __init__(self, cfg: Config, server_optimizer: ServerOptimizer, writer: RunWriter | None = None,
+    replies: list[tuple[Target, Message]]  # in partition order
+    missing: list[Target]  # sent, never answered before round-timeout
+    ignored: list[tuple[Target, str]]  # second replies to a message, replies to messages never sent
+
+
+class ClientStates:
+    """Each partition's kept local optimizer state (keep-optimizer-state), held by the server: sent with
+    the partition's TRAIN message, replaced by its reply, stored in checkpoints (exact resume)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, Any]] = {}  # partition -> {"step": int, "tensors": flat Params}
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        return dict(self.states)
+
+    def load_state_dict(self, states: dict[int, dict[str, Any]]) -> None:
+        self.states = {int(p): s for p, s in states.items()}
+
+
+class FedMeta:
+    """The round loop (see the module docstring)."""
+
+    def __init__(self, cfg: Config, fusion: Fusion, writer: RunWriter | None = None,
                  server_eval: Callable[[Params], dict[str, float]] | None = None,
-                 first_round: int = 1) -> None:
-        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
-                         min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=0,
-                         min_available_nodes=cfg.min_train_nodes, weighted_by_key=wire.WEIGHT,
-                         arrayrecord_key=wire.ARRAYS, configrecord_key=wire.CONFIG)
+                 clients: ClientStates | None = None, roster: Roster | None = None) -> None:
         self.cfg = cfg
-        self.server_optimizer = server_optimizer
+        self.fusion = fusion
         self.writer = writer
         self.server_eval = server_eval
-        self.first_round = first_round
-        self.nodes: dict[int, NodeInfo] = {}
+        self.clients = clients or ClientStates()
+        self.roster = roster or Roster(cfg)
         self.reply_key = wire.GRADIENT if cfg.fusion == "meta-gradient" else wire.ARRAYS
-        self._global: Params = {}
-        self._sampled: list[int] = []
-        self._round: dict = {}
-        self._rows: list[dict] = []
-        self._sent: dict[str, int] = {}  # message id -> node it was sent to
-
-    def sender(self, reply: Message) -> int:
-        """The node a reply answers for. When a node dies mid-round the SuperLink itself replies with
-        an error (src_node_id = the SuperLink's own id, 1), so the destination of the message it
-        answers is the truth; hand-made replies that we never sent fall back to src_node_id."""
-        return self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
-    def summary(self) -> None:
-        log(INFO, "\t├──> FedMeta: algorithm=%s fusion=%s task=%s", self.cfg.algorithm, self.cfg.fusion,
-            self.cfg.task)
-        super().summary()
-
-    # --- who is who ---------------------------------------------------------------------------
-    def discover(self, grid: Grid, timeout: float) -> None:
-        """Ask new nodes for their partition (QUERY); nodes that do not answer are skipped."""
-        deadline = time.monotonic() + timeout
-        while len(ids := set(grid.get_node_ids())) < self.min_available_nodes:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(ids)} nodes connected; min-train-nodes = {self.min_available_nodes}")
-            log(INFO, "Waiting for nodes: %d connected, %d needed", len(ids), self.min_available_nodes)
-            time.sleep(1)
-        unknown = sorted(ids - set(self.nodes))
-        if not unknown:
-            return
-        content = RecordDict({wire.CONFIG: ConfigRecord(self.cfg.to_mapping())})
-        msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in self.exchange(grid, msgs, timeout):
-            node = self.sender(reply)
-            if reply.has_error():
-                log(WARNING, "node %d did not describe itself: %s", node, reply.error.reason)
-                continue
-            m = reply.content[wire.METRICS]
-            self.nodes[node] = NodeInfo(int(m[wire.PARTITION_ID]), int(m[wire.NUM_PARTITIONS]), bool(m[wire.HELDOUT]))
-        log(INFO, "Known nodes: %d (%d held-out)", len(self.nodes), sum(i.heldout for i in self.nodes.values()))
-
-    def _connected(self, grid: Grid, heldout: bool) -> list[int]:
-        ids = set(grid.get_node_ids())
-        chosen = [n for n, i in self.nodes.items() if n in ids and i.heldout == heldout]
-        return sorted(chosen, key=lambda n: self.nodes[n].partition_id)
+        self.run_config = ConfigRecord(cfg.to_mapping())  # one record, shared by every message
+        self.totals = {"rounds_run": 0, "fused": 0, "failed_clients": 0, "rejected_clients": 0, "ignored_replies": 0}
 
     # --- training -----------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        candidates = self._connected(grid, heldout=False)
-        k = min(len(candidates), max(self.min_train_nodes, math.ceil(self.fraction_train * len(candidates))))
-        rng = random.Random(seeding.derive(self.cfg.seed, "train", 10**6 + server_round))
-        self._sampled = sorted(rng.sample(candidates, k), key=lambda n: self.nodes[n].partition_id)
-        self._global = arrays.to_torch_state_dict()
-        config[wire.SERVER_ROUND] = server_round
-        log(INFO, "configure_train: %d of %d training nodes", len(self._sampled), len(candidates))
-        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-        return self._construct_messages(record, self._sampled, MessageType.TRAIN)
+    def configure_train(self, state: RoundState, params: Params) -> tuple[list[tuple[Target, Message]], RoundState]:
+        sampled = sample_clients(self.cfg.seed, state.server_round, self.roster.training(), self.cfg.fraction_train,
+                                 self.cfg.min_train_nodes)
+        log(INFO, "configure_train: %d of %d training partitions", len(sampled), len(self.roster.training()))
+        arrays = ArrayRecord(params)  # one record: Flower stores and sends identical content once
+        factor = client_lr_factor(self.cfg, state.server_round)
+        out = []
+        for p in sampled:
+            target = self.roster.target(p)
+            extra = {wire.LR_FACTOR: factor}
+            content = {wire.ARRAYS: arrays}
+            kept = self.clients.states.get(p) if self.cfg.keep_optimizer_state else None
+            if kept is not None:
+                content[wire.OPTIMIZER] = ArrayRecord(kept["tensors"])
+                extra[wire.OPTIMIZER_STEP] = kept["step"]
+            out.append((target, self._message(content, target, state.server_round, MessageType.TRAIN, extra)))
+        return out, state.with_row(num_sampled=len(sampled))
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid: list[tuple[Params, float, float]] = []  # (arrays, weight, loss)
-        stats = {"num_sampled": len(self._sampled), "num_replies": 0, "num_rejected": 0, "num_failures": 0}
-        for row, reply in self._answers(server_round, "train", replies):
-            stats["num_replies"] += 1
-            node = row["node_id"]
+    def aggregate_train(self, state: RoundState, params: Params, delivery: Delivery) -> tuple[Params, RoundState]:
+        """Check every reply, fuse the valid ones (at least min-train-replies), keep their optimizer state."""
+        rows, valid, new_states = self._rows(state, "train", delivery)
+        for target, reply in delivery.replies:
+            row = rows[target]
             try:
-                arrays, weight, metrics = self._parse(reply, self.reply_key)
-                validate(arrays, weight, self._global, self.cfg.max_client_weight)
+                tensors, weight, metrics, kept = self._parse_train(reply, params)
             except Rejected as err:
-                stats["num_rejected"] += 1
                 row.update(status="rejected", reason=str(err))
-                log(WARNING, "round %d: rejected the reply of node %d (partition %s): %s", server_round, node,
-                    row["partition_id"], err)
+                log(WARNING, "round %d: rejected the reply of node %d (partition %s): %s", state.server_round,
+                    target.node, target.partition, err)
                 continue
-            valid.append((arrays, float(weight), float(metrics.get(wire.TRAIN_LOSS, math.nan))))
+            valid.append((tensors, float(weight), float(metrics.get(wire.TRAIN_LOSS, math.nan))))
+            if kept is not None:
+                new_states[target.partition] = kept
             row.update(weight=float(weight), num_tasks=metrics.get(wire.NUM_TASKS),
                        loss=metrics.get(wire.TRAIN_LOSS), seconds=metrics.get(wire.SECONDS))
-        stats["num_failures"] = stats["num_sampled"] - stats["num_replies"]
-        self._round.update(stats)
-        if not valid:
-            log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
-            return None, None
-        fused = weighted_average([(a, w) for a, w, _ in valid])  # valid is in partition order
-        new = self.server_optimizer.step(self._global, fused)
-        self._global = new
-        total = sum(w for _, w, _ in valid)
-        train_loss = sum(w * l for _, w, l in valid) / total
-        self._round["train_loss"] = train_loss
-        return ArrayRecord(new), MetricRecord({wire.TRAIN_LOSS: train_loss, wire.WEIGHT: total})
+        num_replies = len(delivery.replies)
+        stats = {"num_replies": num_replies, "num_failures": state.row["num_sampled"] - num_replies,
+                 "num_rejected": sum(r["status"] == "rejected" for r in rows.values()),
+                 "num_ignored": len(delivery.ignored), "fused": 0}
+        state = state.with_row(**stats).with_clients(rows.values()).with_clients(self._ignored(state, delivery, "train"))
+        if len(valid) < self.cfg.min_train_replies:
+            log(WARNING, "round %d: %d valid replies, fewer than min-train-replies = %d; the global model is "
+                "unchanged", state.server_round, len(valid), self.cfg.min_train_replies)
+            return params, state
+        try:
+            out = self.fusion.fuse(params, [(t, w) for t, w, _ in valid], state.server_round)
+        except FusionError as err:  # too few replies for the aggregator, or a non-finite step: nothing applied
+            log(WARNING, "round %d: not fused (%s); the global model is unchanged", state.server_round, err)
+            return params, state
+        self.clients.states.update(new_states)  # only a fused round's optimizer states are kept
+        total = math.fsum(w for _, w, _ in valid)
+        return out.params, state.with_row(fused=1, train_loss=math.fsum(w * loss for _, w, loss in valid) / total,
+                                          **out.info)
 
-    # --- evaluation on held-out partitions ---------------------------------------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        nodes = self._connected(grid, heldout=True) or self._connected(grid, heldout=False)
-        self._sampled = nodes
-        config[wire.SERVER_ROUND] = server_round
-        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+    def _parse_train(self, reply: Message, params: Params):
+        """(tensors, weight, metrics, kept optimizer state or None) of a reply, or `Rejected`."""
+        content = reply.content
+        if self.reply_key not in content.array_records or wire.METRICS not in content.metric_records:
+            raise Rejected(f"reply lacks the {self.reply_key!r} arrays or the {wire.METRICS!r} metrics")
+        record = content.array_records[self.reply_key]
+        check_size(record, params)  # before any tensor is built from the reply's bytes
+        metrics = content.metric_records[wire.METRICS]
+        if wire.WEIGHT not in metrics:
+            raise Rejected(f"reply claims no weight ({wire.WEIGHT!r})")
+        tensors = record.to_torch_state_dict()
+        validate(tensors, metrics[wire.WEIGHT], params, self.cfg.max_client_weight)
+        kept = None
+        if self.cfg.keep_optimizer_state and self.cfg.fusion == "average" and wire.OPTIMIZER in content.array_records:
+            moments = content.array_records[wire.OPTIMIZER]
+            template = {f"{part}/{k}": v for part in ("exp_avg", "exp_avg_sq") for k, v in params.items()}
+            check_size(moments, template)
+            flat = moments.to_torch_state_dict()
+            validate(flat, 1, template, 1)  # same keys, shapes, dtypes, finite
+            kept = {"step": int(metrics.get(wire.OPTIMIZER_STEP, 0)), "tensors": dict(flat)}
+        return tensors, metrics[wire.WEIGHT], metrics, kept
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    # --- evaluation on held-out partitions -----------------------------------------------------
+    def configure_evaluate(self, state: RoundState, params: Params) -> list[tuple[Target, Message]]:
+        partitions = self.roster.heldout() or self.roster.training()
+        arrays = ArrayRecord(params)
+        return [(t, self._message({wire.ARRAYS: arrays}, t, state.server_round, MessageType.EVALUATE))
+                for t in map(self.roster.target, partitions)]
+
+    def aggregate_evaluate(self, state: RoundState, delivery: Delivery) -> RoundState:
+        """Task-weighted means of the held-out partitions' metrics before/after adaptation."""
+        rows, _, _ = self._rows(state, "evaluate", delivery)
         sums: dict[str, float] = {}
-        total = 0.0
-        for row, reply in self._answers(server_round, "evaluate", replies):
-            m = reply.content[wire.METRICS]
-            keys = [k for k in (wire.LOSS_PRE, wire.LOSS_POST, wire.ACCURACY_PRE, wire.ACCURACY_POST) if k in m]
-            values = {k: float(m[k]) for k in keys}
-            row.update(num_tasks=m.get(wire.NUM_TASKS), weight=m.get(wire.NUM_TASKS), seconds=m.get(wire.SECONDS),
-                       loss_pre=values.get(wire.LOSS_PRE), loss_post=values.get(wire.LOSS_POST),
-                       accuracy_pre=values.get(wire.ACCURACY_PRE), accuracy_post=values.get(wire.ACCURACY_POST))
+        total = 0
+        for target, reply in delivery.replies:
+            m = reply.content.metric_records.get(wire.METRICS, {})
+            values = {k: float(m[k]) for k in EVAL_METRICS if k in m}
             n = m.get(wire.NUM_TASKS)
-            if not all(math.isfinite(v) for v in values.values()) or not isinstance(n, int) or n <= 0:
+            row = rows[target]
+            row.update(num_tasks=n, weight=n, seconds=m.get(wire.SECONDS), loss_pre=values.get(wire.LOSS_PRE),
+                       loss_post=values.get(wire.LOSS_POST), accuracy_pre=values.get(wire.ACCURACY_PRE),
+                       accuracy_post=values.get(wire.ACCURACY_POST))
+            if not values or not all(math.isfinite(v) for v in values.values()) or not isinstance(n, int) or n <= 0:
                 row.update(status="rejected", reason=f"non-finite metrics or bad num-tasks: {values}, {n}")
                 continue
             total += n
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + n * v
-        if not total:
-            return None
-        means = {k: v / total for k, v in sums.items()}
-        names = {wire.LOSS_PRE: "eval_loss_pre", wire.LOSS_POST: "eval_loss_post",
-                 wire.ACCURACY_PRE: "eval_accuracy_pre", wire.ACCURACY_POST: "eval_accuracy_post"}
-        self._round.update({names[k]: v for k, v in means.items()})
-        return MetricRecord(means)
+        state = state.with_clients(rows.values()).with_clients(self._ignored(state, delivery, "evaluate"))
+        return state.with_row(**{EVAL_METRICS[k]: v / total for k, v in sums.items()}) if total else state
 
-    # --- rows -----------------------------------------------------------------------------------
-    def _answers(self, server_round: int, phase: str, replies: Iterable[Message]):
-        """Yield (row, reply) for every reply with content, in partition order; record a failed row
-        for every error reply and for every sampled node that did not answer (after the others)."""
-        seen = set()
-        for reply in self._in_partition_order(replies):
-            node = self.sender(reply)
-            seen.add(node)
-            row = self._row(server_round, node, phase)
+    # --- messages and replies -------------------------------------------------------------------
+    def _message(self, content: dict, target: Target, server_round: int, kind: str, extra: dict | None = None):
+        about = {wire.SERVER_ROUND: server_round, **(extra or {})}
+        if self.cfg.assign_partitions:
+            about.update({wire.PARTITION_ID: target.partition, wire.NUM_PARTITIONS: self.roster.num_partitions})
+        record = RecordDict({**content, wire.CONFIG: self.run_config, wire.ROUND: ConfigRecord(about)})
+        return Message(content=record, dst_node_id=target.node, message_type=kind)
+
+    def deliver(self, grid: Grid, outgoing: list[tuple[Target, Message]], timeout: float) -> Delivery:
+        """Push the messages, pull replies every poll-interval until all arrived or `timeout`; each
+        message's first reply counts, later ones and strays are ignored (and recorded)."""
+        ids = list(grid.push_messages([m for _, m in outgoing]))
+        sent = {i: t for i, (t, _) in zip(ids, outgoing) if i}
+        pending, replies, ignored = set(sent), {}, []
+        deadline = time.monotonic() + timeout
+        while pending:
+            for reply in grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in replies or mid not in sent:
+                    why = "a second reply to the same message" if mid in replies else "a reply to no message sent"
+                    ignored.append((sent.get(mid, Target(reply.metadata.src_node_id, None)), why))
+                    continue
+                replies[mid] = reply
+                pending.discard(mid)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.cfg.poll_interval)
+        order = sorted(replies, key=lambda mid: (sent[mid].partition, sent[mid].node))  # sums in partition order
+        missing = sorted((t for mid, t in sent.items() if mid not in replies), key=lambda t: (t.partition, t.node))
+        return Delivery([(sent[mid], replies[mid]) for mid in order], missing, ignored)
+
+    def _rows(self, state: RoundState, phase: str, delivery: Delivery):
+        """One clients.csv row per target: ok unless the reply is an error or missing."""
+        rows: dict[Target, dict] = {}
+        for target, reply in delivery.replies:
+            rows[target] = self._row(state, target, phase)
             if reply.has_error():
-                self._fail(row, f"client error: {reply.error.reason}")
-                continue
-            yield row, reply
-        for node in sorted(set(self._sampled) - seen):
-            self._fail(self._row(server_round, node, phase), "no reply before round-timeout")
+                self._fail(rows[target], f"client error: {reply.error.reason}")
+        delivery.replies = [(t, r) for t, r in delivery.replies if not r.has_error()]
+        for target in delivery.missing:
+            rows[target] = self._fail(self._row(state, target, phase), "no reply before round-timeout")
+        return rows, [], {}
 
-    def _row(self, server_round: int, node: int, phase: str) -> dict:
-        info = self.nodes.get(node)
-        row = {"round": server_round, "node_id": node, "partition_id": info.partition_id if info else None,
-               "phase": phase, "status": "ok", "reason": ""}
-        self._rows.append(row)
-        return row
+    def _ignored(self, state: RoundState, delivery: Delivery, phase: str) -> list[dict]:
+        out = []
+        for target, why in delivery.ignored:
+            log(WARNING, "round %d: ignored %s from node %d", state.server_round, why, target.node)
+            out.append({**self._row(state, target, phase), "status": "ignored", "reason": why})
+        return out
 
-    def _fail(self, row: dict, reason: str) -> None:
+    @staticmethod
+    def _row(state: RoundState, target: Target, phase: str) -> dict:
+        return {"round": state.server_round, "node_id": target.node, "partition_id": target.partition,
+                "phase": phase, "status": "ok", "reason": ""}
+
+    @staticmethod
+    def _fail(row: dict, reason: str) -> dict:
         row.update(status="failed", reason=reason)
         log(WARNING, "round %d: node %d (partition %s) failed in %s: %s", row["round"], row["node_id"],
             row["partition_id"], row["phase"], reason)
+        return row
 
-    def _in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
-        """Replies sorted by partition, so that float sums do not depend on arrival order."""
-        def key(reply: Message) -> tuple[int, int]:
-            node = self.sender(reply)
-            info = self.nodes.get(node)
-            return (info.partition_id if info else 1 << 62, node)
-
-        return sorted(replies, key=key)
-
-    @staticmethod
-    def _parse(reply: Message, key: str) -> tuple[Params, object, MetricRecord]:
-        content = reply.content
-        if key not in content.array_records or wire.METRICS not in content.metric_records:
-            raise Rejected(f"reply lacks the {key!r} arrays or the {wire.METRICS!r} metrics")
-        metrics = content.metric_records[wire.METRICS]
-        if wire.WEIGHT not in metrics:
-            raise Rejected(f"reply claims no weight ({wire.WEIGHT!r})")
-        return content.array_records[key].to_torch_state_dict(), metrics[wire.WEIGHT], metrics
+    def _ask(self, grid: Grid, nodes: list[int]) -> Iterable[tuple[int, NodeInfo | str]]:
+        """QUERY nodes never seen (assign-partitions = False): who are you?"""
+        targets = [Target(n, None) for n in nodes]
+        outgoing = [(t, self._message({}, t, 0, MessageType.QUERY)) for t in targets]
+        delivery = self.deliver(grid, outgoing, self.cfg.round_timeout)
+        for target, reply in delivery.replies:
+            if reply.has_error():
+                yield target.node, reply.error.reason
+                continue
+            m = reply.content[wire.METRICS]
+            yield target.node, NodeInfo(int(m[wire.PARTITION_ID]), int(m[wire.NUM_PARTITIONS]), bool(m[wire.HELDOUT]))
+        for target in delivery.missing:
+            yield target.node, "no reply before round-timeout"
 
     # --- the loop -------------------------------------------------------------------------------
-    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-        self._sent.clear()
-        return send_and_receive(grid, messages, timeout, self.cfg.poll_interval, self._sent)
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn=None) -> Result:
-        """Run rounds `first_round..num_rounds`; each round's rows and checkpoint land on disk."""
-        self.summary()
-        result = Result()
-        arrays = initial_arrays
-        self._global = arrays.to_torch_state_dict()
-        for rnd in range(self.first_round, num_rounds + 1):
+    def start(self, grid: Grid, params: Params, first_round: int = 1) -> Params:
+        """Run rounds first_round..num-rounds; every round's rows and checkpoint land on disk as it ends."""
+        log(INFO, "FedMeta: algorithm=%s fusion=%s task=%s, rounds %d-%d", self.cfg.algorithm, self.cfg.fusion,
+            self.cfg.task, first_round, self.cfg.num_rounds)
+        t_start = time.perf_counter()
+        for rnd in range(first_round, self.cfg.num_rounds + 1):
             t0 = time.perf_counter()
-            log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
-            self.discover(grid, timeout)
-            self._round = {"round": rnd}
-            replies = self.exchange(grid, self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})),
-                                                               grid), timeout)
-            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = result.arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[rnd] = train_metrics
-            if rnd % self.cfg.eval_every == 0 or rnd == num_rounds:
-                msgs = self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
-                metrics = self.aggregate_evaluate(rnd, self.exchange(grid, msgs, timeout))
-                if metrics is not None:
-                    result.evaluate_metrics_clientapp[rnd] = metrics
+            self.roster.refresh(grid, lambda nodes: self._ask(grid, nodes))
+            if rnd == first_round:
+                check_preconditions(self.cfg, len(sample_clients(self.cfg.seed, rnd, self.roster.training(),
+                                                                 self.cfg.fraction_train, self.cfg.min_train_nodes)))
+            state = RoundState(rnd, {"round": rnd})
+            outgoing, state = self.configure_train(state, params)
+            params, state = self.aggregate_train(state, params, self.deliver(grid, outgoing, self.cfg.round_timeout))
+            if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.num_rounds:
+                self.roster.refresh(grid, lambda nodes: self._ask(grid, nodes))
+                delivery = self.deliver(grid, self.configure_evaluate(state, params), self.cfg.round_timeout)
+                state = self.aggregate_evaluate(state, delivery)
                 if self.server_eval is not None:
-                    self._round.update(self.server_eval(self._global))
-            self._round["seconds"] = time.perf_counter() - t0
-            self._end_round(rnd, num_rounds)
-        result.arrays = arrays
-        return result
+                    state = state.with_row(**self.server_eval(params))
+            state = state.with_row(seconds=time.perf_counter() - t0)
+            self.end_round(state, params, time.perf_counter() - t_start, first_round)
+        return params
 
-    def _end_round(self, rnd: int, num_rounds: int) -> None:
-        log(INFO, "round %d: %s", rnd, {k: v for k, v in self._round.items() if k != "round"})
-        if self.writer is None:
-            self._rows.clear()
-            return
-        self.writer.append_clients(self._rows)
-        self._rows = []
-        self.writer.append_round(self._round)
-        if rnd % self.cfg.checkpoint_every == 0 or rnd == num_rounds:
-            self.writer.save_checkpoint(rnd, self._global, {"optimizer": self.server_optimizer.state_dict()})
+    def end_round(self, state: RoundState, params: Params, elapsed: float, first_round: int) -> None:
+        """The one end-of-round step: totals, rows, checkpoint, progress line."""
+        rnd, row = state.server_round, state.row
+        t = self.totals
+        t["rounds_run"] += 1
+        t["fused"] += row.get("fused", 0)
+        t["failed_clients"] += sum(r["status"] == "failed" for r in state.clients)
+        t["rejected_clients"] += sum(r["status"] == "rejected" for r in state.clients)
+        t["ignored_replies"] += sum(r["status"] == "ignored" for r in state.clients)
+        if self.writer is not None:
+            self.writer.append_clients(list(state.clients))
+            self.writer.append_round(row)
+            if rnd % self.cfg.checkpoint_every == 0 or rnd == self.cfg.num_rounds:
+                self.writer.save_checkpoint(rnd, params, self.fusion.state_dict(), self.clients.state_dict())
+        done = rnd - first_round + 1
+        eta = elapsed / done * (self.cfg.num_rounds - rnd)
+        keys = ("train_loss", "eval_loss_post", "eval_accuracy_post")
+        metrics = " ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
+        log(INFO, "[fedmeta] round %d/%d | elapsed %.1f s | ETA %.1f s | %s", rnd, self.cfg.num_rounds, elapsed, eta,
+            metrics or "no metrics")
+
+    def outcome(self) -> tuple[str, dict[str, Any]]:
+        """The run's status and its counts: failed if no round fused a model, completed-with-failures if
+        a client failed, was rejected or a reply was ignored, else completed."""
+        t = dict(self.totals)
+        if not t["fused"]:
+            return "failed", {**t, "error": f"no round fused a model: fewer than min-train-replies = "
+                                            f"{self.cfg.min_train_replies} valid replies in every round"}
+        if t["failed_clients"] or t["rejected_clients"] or t["ignored_replies"]:
+            return "completed-with-failures", t
+        return "completed", t

@@ -91,8 +91,8 @@ def test_checkpoints_and_resume(runs):
     cfg, base = runs
     ckpts = sorted((base / "full" / "checkpoints").glob("round-*.pt"))
     assert [p.name for p in ckpts] == ["round-0001.pt", "round-0002.pt", "round-0003.pt"]
-    ckpt = load_checkpoint(latest_checkpoint(base / "full"))
-    assert ckpt["round"] == 3 and ckpt["server_state"]["optimizer"]["adam"]["step"] == 3
+    ckpt = load_checkpoint(latest_checkpoint(base / "full")[0])
+    assert ckpt["round"] == 3 and ckpt["fusion"]["optimizer_state"]["step"] == 3
     full = load_meta_model(base / "full" / "model.pt")
     resumed = load_meta_model(base / "resumed" / "model.pt")
     assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
@@ -102,7 +102,7 @@ def test_checkpoints_and_resume(runs):
 
 
 def test_average_fusion_clients_keep_their_adam_across_rounds(tmp_path):
-    """fusion = "average": each client continues its own Adam (moments in Flower's context.state) from
+    """fusion = "average": each client continues its own Adam (moments kept by the server per partition) from
     round to round; the global model is the weighted average of the clients' models. Reproduced
     here with the core alone, and distinguishable from a fresh Adam every round."""
     from strategies.fusion import weighted_average

@@ -4,6 +4,7 @@ learning on quadratics, evaluation through the shared `adapt.evaluate`, and bad 
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,7 +232,11 @@ def test_bad_input_raises_clearly():
 def load_experiment():
     spec = importlib.util.spec_from_file_location("lstm_quadratic", REPO / "experiments" / "lstm_quadratic.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # dataclasses of the script look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
     return module
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from fedmeta import algorithms, partition, seeding
 from fedmeta.config import Config
-from fedmeta.tasks import omniglot
+from fedmeta.tasks import bins, families, omniglot
 from fedmeta.tasks import omniglot_io as oio
 from fedmeta.tasks.omniglot import OmniglotDataError
 
@@ -233,7 +233,8 @@ def _cfg(small, **changes):
 
 def test_episode_shapes_dtypes_and_labels(small):
     src = omniglot.source(_cfg(small, ways=5), "test")  # 12 evaluation characters, no rotations
-    assert (src.model, src.loss, src.num_classes) == ("conv4", "cross_entropy", 12)
+    cfg = _cfg(small, ways=5)  # the model and loss of the task: one table (fedmeta.tasks.families)
+    assert (families.model_name(cfg), families.loss_name(cfg), src.num_classes) == ("conv4", "cross_entropy", 12)
     ep = src.sample(3, 2, 4, seeding.generator(0, "test"))
     assert [tuple(t.shape) for t in ep] == [(3, 10, 1, 28, 28), (3, 10), (3, 20, 1, 28, 28), (3, 20)]
     assert [t.dtype for t in ep] == [torch.float32, torch.int64, torch.float32, torch.int64]
@@ -348,19 +349,28 @@ def test_partitions_own_alphabets_and_heldout_ones_are_unseen(small):
     assert ids[3] | ids[4] == set(range(19, 31)) and not ids[3] & ids[4]  # evaluation alphabets
     assert [p.num_classes for p in parts] == [24, 24, 24, 6, 6]  # rotations: training clients only
     assert small.alphabets[0][1] in parts[0].what and small.alphabets[3][1] in parts[3].what
-    two = [set(omniglot.partition_source(cfg, p, 4).char_ids.tolist()) for p in range(2)]
+    two = [set(omniglot.partition(cfg, p, 4).char_ids.tolist()) for p in range(2)]
     assert two == [set(range(1, 7)), set(range(7, 19))]  # 3 alphabets in contiguous groups of 1 and 2
+
+
+def test_a_partition_is_one_call_to_its_family(small, monkeypatch):
+    calls, real = [], omniglot.partition
+    monkeypatch.setattr(bins, "bin_of", lambda *a: pytest.fail("omniglot partitions own alphabets, not bins"))
+    monkeypatch.setattr(omniglot, "partition", lambda *a: calls.append(a) or real(*a))
+    cfg = _cfg(small, heldout_partitions=2)
+    assert set(partition.task_source(cfg, 1, 5).char_ids.tolist()) == set(range(7, 13))
+    assert calls == [(cfg, 1, 5)]
 
 
 def test_partition_errors(small):
     with pytest.raises(ValueError, match="own no alphabet"):
-        omniglot.partition_source(_cfg(small, heldout_partitions=2), 0, 6)  # 4 training, 3 alphabets
+        omniglot.partition(_cfg(small, heldout_partitions=2), 0, 6)  # 4 training, 3 alphabets
     with pytest.raises(ValueError, match="own no alphabet"):
-        omniglot.partition_source(_cfg(small, heldout_partitions=3), 0, 5)  # 3 held out, 2 alphabets
+        omniglot.partition(_cfg(small, heldout_partitions=3), 0, 5)  # 3 held out, 2 alphabets
     with pytest.raises(ValueError, match="fewer than ways = 7"):
-        omniglot.partition_source(_cfg(small, ways=7, heldout_partitions=2), 3, 5)
+        omniglot.partition(_cfg(small, ways=7, heldout_partitions=2), 3, 5)
     with pytest.raises(ValueError, match="no such partition"):
-        omniglot.partition_source(_cfg(small), 5, 5)
+        omniglot.partition(_cfg(small), 5, 5)
 
 
 def test_maml_meta_gradient_on_an_omniglot_episode(small):
@@ -387,9 +397,9 @@ def test_full_data_splits_and_partitions():
     assert test.char_ids.tolist() == (omniglot.character_split(1623)[1] + 1).tolist()
     a_train = omniglot.source(cfg.replace(omniglot_split="alphabet"), "train")
     assert a_train.num_classes == 964 * 4 and int(a_train.char_ids.max()) == 964
-    parts = [omniglot.partition_source(cfg, p, 32) for p in range(32)]
+    parts = [omniglot.partition(cfg, p, 32) for p in range(32)]
     ids = [set(p.char_ids.tolist()) for p in parts]
     assert set().union(*ids[:30]) == set(range(1, 965)) and set().union(*ids[30:]) == set(range(965, 1624))
     assert sum(map(len, ids)) == 1623
     with pytest.raises(ValueError, match="fewer than ways = 20"):  # Blackfoot has 14 characters
-        omniglot.partition_source(cfg.replace(ways=20), 5, 32)
+        omniglot.partition(cfg.replace(ways=20), 5, 32)

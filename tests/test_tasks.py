@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -46,7 +47,7 @@ def test_non_iid_partitions_cover_the_range_disjointly():
     cfg = Config(amplitude_min=0.1, amplitude_max=5.0)
     ranges = sorted(partition.task_source(cfg, p, 10).amplitude for p in range(10))
     assert ranges[0][0] == pytest.approx(0.1) and ranges[-1][1] == pytest.approx(5.0)
-    for (lo1, hi1), (lo2, hi2) in zip(ranges, ranges[1:]):
+    for (lo1, hi1), (lo2, hi2) in itertools.pairwise(ranges):
         assert hi1 == pytest.approx(lo2)
     assert partition.is_heldout(cfg, 9, 10) and partition.is_heldout(cfg, 8, 10)
     assert not partition.is_heldout(cfg, 7, 10)
@@ -64,6 +65,38 @@ def test_heldout_partitions_own_interior_slices(seed):
         assert {0, n - 1} <= set(bins[:n - heldout])
     other = [partition.bin_of(Config(seed=seed + 1), p, 10) for p in range(10)]
     assert other != [partition.bin_of(Config(seed=seed), p, 10) for p in range(10)]  # the seed matters
+
+
+def test_partitions_are_those_of_before():
+    """Bins, slices and tasks recorded with the partitioning before it moved into the task families."""
+    for seed, n, heldout, want in ((0, 10, 2, [7, 5, 9, 2, 8, 1, 4, 0, 3, 6]), (7, 10, 2, [1, 0, 4, 7, 6, 2, 3, 9, 8, 5]),
+                                   (0, 5, 3, [0, 4, 3, 2, 1]), (7, 4, 1, [0, 2, 3, 1])):
+        assert [partition.bin_of(Config(seed=seed, heldout_partitions=heldout), p, n) for p in range(n)] == want
+    cfg = Config(amplitude_min=0.5)
+    assert partition.task_source(cfg, 9, 10).amplitude == pytest.approx((3.2, 3.65))  # bin 6 of 0.5..5
+    ep = partition.task_source(cfg, 3, 10).sample(3, 4, 5, seeding.generator(0, "train", 3, 1))
+    assert ep.support_y[0, :3].flatten().tolist() == [-1.533057689666748, 1.5210682153701782, 1.4515467882156372]
+    quad = Config(task="quadratic", algorithm="lstm", seed=1, heldout_partitions=3, quadratic_scale_min=0.5,
+                  quadratic_scale_max=2.0)
+    assert partition.task_source(quad, 0, 5).scale == pytest.approx((1.7, 2.0))
+
+
+def test_one_table_maps_tasks_to_models_and_losses():
+    from fedmeta import algorithms, models
+    from fedmeta.config import ConfigError
+    from fedmeta.tasks import families
+
+    for task, algorithm, model, loss in (("sinusoid", "maml", "MLP", "mse"), ("sinusoid", "lstm", "MLP", "mse"),
+                                         ("quadratic", "lstm", "Linear", "sse"),
+                                         ("omniglot", "maml", "Conv4", "cross_entropy"),
+                                         ("omniglot", "lstm", "Optimizee", "cross_entropy")):
+        cfg = Config(task=task, algorithm=algorithm)
+        algo = algorithms.build(cfg)
+        assert type(algo.model).__name__ == model and algo.loss.__name__ == loss == families.loss_name(cfg)
+        assert type(models.build(models.model_name(cfg), cfg)) is type(algo.model)  # saved meta-models too
+        assert algo.classification == families.family(task).classification
+    with pytest.raises(ConfigError, match="needs a global-classifier model, which task = 'sinusoid' does not have"):
+        families.model_name(Config(algorithm="pretrain-global"))
 
 
 @pytest.mark.parametrize("bad", [

@@ -1,6 +1,7 @@
 """Test-time adaptation, shared by every algorithm: start from the algorithm's initial parameters,
 take k steps of its inner rule on each task's support set, and measure the query loss (and
-accuracy, for classification) after 0, 1, ..., k steps. Tasks are vmapped in chunks.
+accuracy, for classification) after 0, 1, ..., k steps. Tasks are vmapped in chunks, on the
+algorithm's device; the results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def evaluate(algo: Algorithm, meta_params: Params, episode: Episode, steps: int,
              generator: torch.Generator | None = None, chunk: int = 100) -> Evaluation:
     """Adapt to every task of `episode` with `steps` inner updates; no meta-gradient is kept."""
     algo.check(episode)
-    meta_params = {k: v.detach() for k, v in meta_params.items()}
+    episode = episode.to(algo.device)
+    meta_params = {k: v.detach().to(algo.device) for k, v in meta_params.items()}
     rule = algo.inner_rule()
 
     def one_task(params, xs, ys, xq, yq):
@@ -60,6 +62,6 @@ def evaluate(algo: Algorithm, meta_params: Params, episode: Episode, steps: int,
             loss, acc = vmap(one_task)(p, *part)  # (chunk, steps + 1)
             loss_parts.append(loss)
             acc_parts.append(acc)
-    loss = torch.cat(loss_parts).T.contiguous()  # (steps + 1, tasks)
-    acc = torch.cat(acc_parts).T.contiguous() if algo.classification else None
+    loss = torch.cat(loss_parts).T.contiguous().cpu()  # (steps + 1, tasks)
+    acc = torch.cat(acc_parts).T.contiguous().cpu() if algo.classification else None
     return Evaluation(loss, acc)

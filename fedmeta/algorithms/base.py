@@ -11,13 +11,21 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .. import losses, models
+from .. import devices, losses, models
 from ..config import Config
 from ..optim import Params, adam_init, adam_step
-from ..tasks import Episode, check_episode
+from ..tasks import Episode, TaskSource, check_episode, families
 
 # (meta_params, params, grads, state) -> (params, state); one update of a task's parameters.
 InnerRule = Callable[[Params, Params, Params, Any], tuple[Params, Any]]
+# (meta-gradient, loss, tasks) of this process's share of a meta-batch -> (meta-gradient, loss) of the
+# whole meta-batch, combined with the other processes' (fedmeta.distributed; identity when None)
+Reduce = Callable[[Params, float, int], tuple[Params, float]]
+
+
+def take(episode: Episode, share: slice | None) -> Episode:
+    """The tasks `share` of an episode (this process's share of a meta-batch); all of them for None."""
+    return episode if share is None else Episode(*(t[share] for t in episode))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -28,11 +36,16 @@ class Algorithm:
     """A meta-learning algorithm: meta-parameters, their gradient on an episode, an inner rule."""
 
     name = "base"
+    # Methods this class overrides without changing their values (logging, caching): the registered
+    # fast meta-gradient paths that compute them still apply (`registry`).
+    same_values: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, model: nn.Module | None = None) -> None:
         self.cfg = cfg
-        self.model = model if model is not None else models.build(models.model_name(cfg), cfg)
-        self.loss = losses.get(_loss_name(cfg))
+        self.device = devices.resolve(cfg.device)  # where training and evaluation run (fedmeta.local)
+        model = model if model is not None else models.build(families.model_name(cfg), cfg)
+        self.model = model.to(self.device)
+        self.loss = losses.get(families.loss_name(cfg))
         self.classification = self.loss is losses.cross_entropy
         self._grad_fn: Callable[[Params, Episode], tuple[Params, torch.Tensor, torch.Tensor]] | None = None
 
@@ -66,14 +79,19 @@ class Algorithm:
         return {k: v.expand(num_tasks, *v.shape) for k, v in self.model_params(meta_params).items()}
 
     def init(self, generator: torch.Generator) -> Params:
-        """Fresh meta-parameters, seeded by `generator`."""
-        fresh = copy.deepcopy(self.model)
+        """Fresh meta-parameters on the CPU, seeded by `generator` (drawn on the CPU on every device)."""
+        fresh = copy.deepcopy(self.model).cpu()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
             for module in fresh.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
         return models.params_of(fresh)
+
+    def draw(self, source: TaskSource, generator: torch.Generator) -> Episode:
+        """One meta-batch of training tasks from `source` (on the CPU): meta-batch-size tasks of
+        shots support and query-shots query examples."""
+        return source.sample(self.cfg.meta_batch_size, self.cfg.shots, self.cfg.query_shots, generator)
 
     def meta_gradient_fn(self) -> Callable[[Params, Episode], tuple[Params, torch.Tensor]]:
         """A pure function (meta_params, episode) -> (meta-gradient, mean query loss)."""
@@ -109,13 +127,22 @@ class Algorithm:
         return grads, value
 
     def train(self, meta_params: Params, opt_state: dict | None,
-              sample: Callable[[int], Episode], iterations: int) -> tuple[Params, dict, list[float]]:
-        """`iterations` Adam steps on meta-gradients of episodes `sample(i)`; returns the loss curve."""
+              sample: Callable[[int], Episode], iterations: int, reduce: Reduce | None = None,
+              share: slice | None = None, lr: float | None = None) -> tuple[Params, dict, list[float]]:
+        """`iterations` Adam steps (learning rate `lr`, default meta-lr) on meta-gradients of episodes
+        `sample(i)`; returns the loss curve.
+
+        Distributed (fedmeta.distributed): this process keeps the tasks `share` of each episode and
+        `reduce` combines its meta-gradient and loss with the other processes' before the step."""
         opt_state = adam_init(meta_params) if opt_state is None else opt_state
+        lr = self.cfg.meta_lr if lr is None else lr
         curve = []
         for i in range(iterations):
-            grads, loss = self.meta_gradient(meta_params, sample(i))
-            meta_params, opt_state = adam_step(meta_params, grads, opt_state, self.cfg.meta_lr)
+            episode = take(sample(i), share)
+            grads, loss = self.meta_gradient(meta_params, episode)
+            if reduce is not None:
+                grads, loss = reduce(grads, loss, episode.num_tasks)
+            meta_params, opt_state = adam_step(meta_params, grads, opt_state, lr)
             curve.append(loss)
         return meta_params, opt_state, curve
 
@@ -143,6 +170,3 @@ def _shapes_only(episode: Episode) -> Episode:
         return episode
     return Episode(*(torch.empty(t.shape, dtype=torch.bool, device="meta") for t in episode))
 
-
-def _loss_name(cfg: Config) -> str:
-    return {"sinusoid": "mse", "quadratic": "sse", "omniglot": "cross_entropy"}[cfg.task]

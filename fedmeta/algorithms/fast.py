@@ -13,9 +13,10 @@ quantity is a batched matmul over the tasks, the forward activations of each inn
 for its Hessian-vector product (no recomputation), and nothing runs through autograd, so the whole
 meta-gradient is one plain graph that `torch.compile` turns into a few fused kernels.
 
-This is the same function as `grad_and_value(MAML.meta_loss)` (tested equal in float64);
-`MAML.meta_gradient_fn` picks it automatically where `applies` holds and uses the generic
-torch.func path everywhere else.
+This is the same function as `grad_and_value(MAML.meta_loss)` (tested equal in float64). It
+registers itself (`registry`, path "mlp-closed-form") for second-order MAML with SGD inner steps on a
+ReLU MLP with the MSE loss; `MAML.meta_gradient_fn` picks it there and uses the generic torch.func
+path everywhere else. Device-agnostic: every tensor is made from the inputs' (no CPU constants).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from torch import nn
 from .. import losses
 from ..optim import Params
 from ..tasks import Episode
+from . import registry
+from .base import Algorithm
+from .maml import MAML
 
 Layer = tuple[torch.Tensor, torch.Tensor]  # weight (out, in) or (tasks, out, in), bias (out,) or (tasks, out)
 MetaGradient = Callable[[Params, Episode], tuple[Params, torch.Tensor]]
@@ -51,15 +55,8 @@ def mlp_layers(model: nn.Module) -> list[tuple[str, str]] | None:
 
 
 def applies(algo) -> bool:
-    """True for plain second-order MAML (SGD inner steps) on a ReLU MLP with the MSE loss."""
-    from .base import Algorithm
-    from .maml import MAML
-
-    cls = type(algo)
-    plain = all(getattr(cls, m) is getattr(MAML, m) for m in
-                ("meta_loss", "inner_rule", "inner_state", "forward", "task_loss", "model_params"))
-    return (isinstance(algo, MAML) and plain and not algo.first_order and MAML.inner_rule is Algorithm.inner_rule
-            and algo.cfg.inner_steps >= 1 and algo.loss is losses.mse and mlp_layers(algo.model) is not None)
+    """True where the registered path computes `algo`'s meta-gradient (`registry.why_not` says why not)."""
+    return registry.why_not(PATH, algo) is None
 
 
 def _forward(layers: list[Layer], x: torch.Tensor):
@@ -159,3 +156,11 @@ def mlp_meta_gradient(names: list[tuple[str, str]], steps: int, lr: float, fallb
         return grads, loss
 
     return meta_gradient
+
+
+PATH = registry.register(registry.FastPath(
+    name="mlp-closed-form", reference=MAML,
+    computes=("meta_loss", "inner_state", "forward", "task_loss", "model_params"),
+    rules={False: (Algorithm.inner_rule,)},  # second order, plain SGD at inner-lr
+    loss=losses.mse, structure=mlp_layers,
+    build=lambda algo, names, fallback: mlp_meta_gradient(names, algo.cfg.inner_steps, algo.cfg.inner_lr, fallback)))

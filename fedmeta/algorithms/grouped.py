@@ -25,7 +25,9 @@ norm over batch statistics, which subtracts it again: its meta-gradient is 0 up 
 other parameter, so the numbers are those of the per-task autograd loop, rounding included.
 
 Equal to the per-task autograd loop and to finite differences (tests/test_grouped.py, float64).
-`MAML.meta_gradient_fn` picks it where `applies` holds; speed: benchmarks/omniglot_speed.py.
+It registers itself (`registry`, path "conv4-grouped") for MAML, FOMAML and Meta-SGD on a Conv4 with
+the cross-entropy loss; `MAML.meta_gradient_fn` picks it there; speed: benchmarks/omniglot_speed.py.
+Device-agnostic: every tensor is made from the inputs' (no CPU constants).
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from ..models import Conv4
 from ..optim import Params
 from ..tasks import Episode
+from . import registry
+from .base import Algorithm
+from .maml import MAML
+from .metasgd import MetaSGD
 
 MetaGradient = Callable[[Params, Episode], tuple[Params, torch.Tensor]]
 Block = tuple[str, str, float]  # conv name, batch-norm name, batch-norm eps
@@ -51,8 +58,6 @@ CHUNK_ELEMENTS = 1 << 21
 def conv4_blocks(model: nn.Module) -> list[Block] | None:
     """(conv, bn, eps) names of a `Conv4`-shaped model: 3x3/2/1 convs with bias, affine batch norm over
     batch statistics, ReLU, then `head` Linear on the spatial mean; else None."""
-    from ..models import Conv4
-
     features, head = getattr(model, "features", None), getattr(model, "head", None)
     if type(model).forward is not Conv4.forward or not isinstance(features, nn.Sequential):
         return None
@@ -75,19 +80,8 @@ def conv4_blocks(model: nn.Module) -> list[Block] | None:
 
 
 def applies(algo) -> bool:
-    """True for MAML (second order), FOMAML and Meta-SGD as defined in this package, on a Conv4 with
-    the cross-entropy loss."""
-    from .base import Algorithm
-    from .maml import MAML
-    from .metasgd import MetaSGD
-
-    cls = type(algo)
-    if not isinstance(algo, MAML) or algo.loss is not losses.cross_entropy or algo.cfg.inner_steps < 1:
-        return False
-    plain = all(getattr(cls, m) is getattr(MAML, m) for m in
-                ("meta_loss", "inner_state", "forward", "task_loss", "model_params", "_first_order_gradient"))
-    rules = (Algorithm.inner_rule,) if algo.first_order else (Algorithm.inner_rule, MetaSGD.inner_rule)
-    return plain and cls.inner_rule in rules and conv4_blocks(algo.model) is not None
+    """True where the registered path computes `algo`'s meta-gradient (`registry.why_not` says why not)."""
+    return registry.why_not(PATH, algo) is None
 
 
 # --- the batched network ------------------------------------------------------------------------------------
@@ -274,7 +268,7 @@ def chunk_size(episode: Episode, channels: int) -> int:
 # --- the meta-gradient ----------------------------------------------------------------------------------
 def conv4_meta_gradient(algo, fallback: MetaGradient, chunk: int | None = None,
                         conv_bias: bool = True) -> MetaGradient:
-    """(meta_params, episode) -> (meta-gradient, mean query loss) of `algo` (see `applies`).
+    """(meta_params, episode) -> (meta-gradient, mean query loss) of `algo` (see `PATH`).
 
     `chunk` tasks at a time (None: `chunk_size`); `conv_bias=False` skips the convolutions' biases
     (see top). Episodes it was not written for (labels that are not integer class indices
@@ -311,7 +305,7 @@ def conv4_meta_gradient(algo, fallback: MetaGradient, chunk: int | None = None,
 
     @torch.compiler.disable  # autograd.grad inside: under cfg.compile this part stays eager
     def meta_gradient(meta_params: Params, episode: Episode) -> tuple[Params, torch.Tensor]:
-        xs, ys, xq, yq = episode
+        ys, yq = episode.support_y, episode.query_y  # (tasks, shots) class indices
         if (ys.dim() != 2 or yq.dim() != 2 or ys.is_floating_point() or yq.is_floating_point()
                 or not all(k in meta_params for k in model_names)):
             return fallback(meta_params, episode)
@@ -320,7 +314,7 @@ def conv4_meta_gradient(algo, fallback: MetaGradient, chunk: int | None = None,
         with torch.enable_grad():
             theta = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
             total: Params = {}
-            loss = torch.zeros((), dtype=theta[model_names[0]].dtype, device=xs.device)
+            loss = theta[model_names[0]].new_zeros(())  # on the parameters' device and dtype
             for lo in range(0, tasks, size):
                 part = (t[lo:lo + size] for t in episode)
                 grads, value = chunk_meta_gradient(theta, *part, 1.0 / tasks)
@@ -331,3 +325,12 @@ def conv4_meta_gradient(algo, fallback: MetaGradient, chunk: int | None = None,
         return {k: total[k] if k in total else torch.zeros_like(meta_params[k]) for k in keys}, loss
 
     return meta_gradient
+
+
+PATH = registry.register(registry.FastPath(
+    name="conv4-grouped", reference=MAML,
+    computes=("meta_loss", "inner_state", "forward", "task_loss", "model_params", "_first_order_gradient"),
+    # SGD at inner-lr, or Meta-SGD's learned rates (second order only: their gradient needs the Hessian terms)
+    rules={False: (Algorithm.inner_rule, MetaSGD.inner_rule), True: (Algorithm.inner_rule,)},
+    loss=losses.cross_entropy, structure=conv4_blocks,
+    build=lambda algo, blocks, fallback: conv4_meta_gradient(algo, fallback)))

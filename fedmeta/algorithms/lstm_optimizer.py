@@ -31,15 +31,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, vmap
 
 from .. import models, seeding
 from ..optim import Params, adam_init, adam_step
 from ..tasks import Episode
-from .base import Algorithm, InnerRule, NonFiniteLossError
+from .base import Algorithm, InnerRule, NonFiniteLossError, Reduce, take
 
 PREFIX = "lstm/"
 QUADRATIC_INIT_STD = 0.01  # theta_0 ~ N(0, 0.01^2), as the quadratic problem of the paper's code
@@ -167,16 +166,17 @@ class LSTMOptimizer(Algorithm):
 
         Quadratics: theta_0 ~ N(0, 0.01^2) per coordinate (the paper's code). Other tasks: the model's
         own default initialisation, drawn independently per task. Without a generator the "eval"
-        stream of cfg.seed is used, so evaluation is reproducible.
+        stream of cfg.seed is used, so evaluation is reproducible. Drawn on the CPU (the same numbers on
+        every device), returned on the algorithm's device.
         """
         generator = generator if generator is not None else seeding.generator(self.cfg.seed, "eval")
         shapes = {k: v.shape for k, v in self.model.named_parameters()}
         dtype = self._dtype()
         if self.cfg.task == "quadratic":
-            return {k: QUADRATIC_INIT_STD * torch.randn((num_tasks, *s), generator=generator, dtype=dtype)
-                    for k, s in shapes.items()}
+            return {k: (QUADRATIC_INIT_STD * torch.randn((num_tasks, *s), generator=generator, dtype=dtype)
+                        ).to(self.device) for k, s in shapes.items()}
         seeds = torch.randint(2**62, (num_tasks,), generator=generator).tolist()
-        fresh, per_task = copy.deepcopy(self.model), []
+        fresh, per_task = copy.deepcopy(self.model).cpu(), []
         for s in seeds:  # re-initialisation only; no optimisation happens here
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)
@@ -184,7 +184,7 @@ class LSTMOptimizer(Algorithm):
                     if hasattr(module, "reset_parameters"):
                         module.reset_parameters()
             per_task.append(models.params_of(fresh))
-        return {k: torch.stack([t[k] for t in per_task]).to(dtype) for k in shapes}
+        return {k: torch.stack([t[k] for t in per_task]).to(self.device, dtype) for k in shapes}
 
     # --- meta-training: truncated BPTT ----------------------------------------------------------------
     def unroll_fn(self) -> Callable[[Params, Params, State, Episode], tuple[Params, tuple]]:
@@ -218,29 +218,36 @@ class LSTMOptimizer(Algorithm):
         return unroll
 
     def train(self, meta_params: Params, opt_state: dict | None,
-              sample: Callable[[int], Episode], iterations: int) -> tuple[Params, dict, list[float]]:
+              sample: Callable[[int], Episode], iterations: int, reduce: Reduce | None = None,
+              share: slice | None = None, lr: float | None = None) -> tuple[Params, dict, list[float]]:
         """`iterations` batches of problems, each optimised for lstm-horizon steps with one Adam step
-        (lr = meta-lr) per unroll of lstm-unroll steps. The curve holds, per iteration, the mean over
+        (`lr`, default meta-lr) per unroll of lstm-unroll steps. The curve holds, per iteration, the mean over
         tasks and horizon steps of the optimizee loss. Fresh optimizee starts are seeded by
-        (cfg.seed, Adam step count), so repeated calls continue the stream deterministically."""
+        (cfg.seed, Adam step count), so repeated calls continue the stream deterministically.
+        `reduce`, `share`: as `Algorithm.train` (the starts are drawn for the whole batch, then shared)."""
         self.check_meta(meta_params)
         opt_state = adam_init(meta_params) if opt_state is None else opt_state
+        lr = self.cfg.meta_lr if lr is None else lr
         unroll = self.unroll_fn()
         curve = []
         for i in range(iterations):
             episode = self.check(sample(i))
-            gen = seeding.generator(self.cfg.seed, "train", 1_000_003, int(opt_state["step"]))
+            gen = seeding.generator(self.cfg.seed, "lstm-starts", int(opt_state["step"]))
             params = self.start_params(meta_params, episode.num_tasks, gen)  # name -> (tasks, ...)
+            if share is not None:  # this process's tasks, with the starts drawn for the whole batch
+                episode, params = take(episode, share), {k: v[share] for k, v in params.items()}
             state = vmap(self.inner_state)(params)
             total = 0.0
             for _ in range(self.cfg.lstm_horizon // self.cfg.lstm_unroll):
                 grads, (losses, params, state) = unroll(meta_params, params, state, episode)
                 value = float(losses.mean())
+                if reduce is not None:  # before the check: a non-finite share makes every process raise
+                    grads, value = reduce(grads, value, episode.num_tasks)
                 if not math.isfinite(value) or not all(torch.isfinite(g).all() for g in grads.values()):
                     raise NonFiniteLossError(f"lstm: non-finite optimizee loss {value} or meta-gradient at "
                                              f"iteration {i}; the update was not applied (lower meta-lr, "
                                              "lstm-output-scale or the problem scale)")
-                meta_params, opt_state = adam_step(meta_params, grads, opt_state, self.cfg.meta_lr)
+                meta_params, opt_state = adam_step(meta_params, grads, opt_state, lr)
                 total += value
             curve.append(total / (self.cfg.lstm_horizon // self.cfg.lstm_unroll))
         return meta_params, opt_state, curve

@@ -3,10 +3,11 @@ Networks") and its first-order approximation (FOMAML, same paper §5.2).
 
 Second order is exact: the inner updates are differentiated through (`torch.func.grad` nested in
 `torch.func.grad`), so the meta-gradient holds the Hessian-vector terms. The tasks of a meta-batch
-are processed together with `torch.func.vmap`, never a Python loop. For a ReLU MLP with the MSE
-loss (the sinusoid setting) `meta_gradient_fn` uses the same meta-gradient in closed form
-(`fast.py`, several times faster); for the Conv4 classifier (MAML, FOMAML, Meta-SGD) all tasks at
-once with batched matmuls (`grouped.py`); everything else takes the generic path.
+are processed together with `torch.func.vmap`, never a Python loop. `meta_gradient_fn` asks the
+registry of fast paths (`registry.py`) for one that computes the same meta-gradient: for a ReLU MLP
+with the MSE loss (the sinusoid setting) the closed form of `fast.py` (several times faster), for
+the Conv4 classifier (MAML, FOMAML, Meta-SGD) all tasks at once with batched matmuls (`grouped.py`);
+everything else takes the generic path. The chosen path is `meta_gradient_path` after the call.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.func import grad, grad_and_value, vmap
 
 from ..optim import Params
 from ..tasks import Episode
-from . import fast, grouped
+from . import registry
 from .base import Algorithm
 
 
@@ -51,16 +52,9 @@ class MAML(Algorithm):
         return vmap(one_task)(*episode).mean()  # (tasks,) -> scalar
 
     def meta_gradient_fn(self) -> Callable[[Params, Episode], tuple[Params, torch.Tensor]]:
-        if grouped.applies(self):
-            generic = self._first_order_gradient if self.first_order else grad_and_value(self.meta_loss)
-            return grouped.conv4_meta_gradient(self, fallback=generic)
-        if self.first_order:
-            return self._first_order_gradient
-        generic = grad_and_value(self.meta_loss)
-        if fast.applies(self):
-            return fast.mlp_meta_gradient(fast.mlp_layers(self.model), self.cfg.inner_steps,
-                                          self.cfg.inner_lr, fallback=generic)
-        return generic
+        """A registered fast path that computes this meta-gradient (see `registry`), else the generic one."""
+        generic = self._first_order_gradient if self.first_order else grad_and_value(self.meta_loss)
+        return registry.meta_gradient_fn(self, generic)
 
     def _first_order_gradient(self, meta_params: Params, episode: Episode) -> tuple[Params, torch.Tensor]:
         """FOMAML: the query-loss gradient at the adapted parameters, averaged over tasks.

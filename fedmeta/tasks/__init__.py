@@ -1,8 +1,9 @@
 """Task families: each samples batched episodes with a leading task dimension.
 
 An `Episode` holds support and query tensors stacked over tasks, `(tasks, shots, ...)`. A task
-source names the model it is meant for and the loss, and samples episodes from a seeded
-`torch.Generator`, so the same seed always gives the same tasks.
+source samples episodes from a seeded `torch.Generator`, so the same seed always gives the same
+tasks. Which model and loss a family's tasks take, and how the family is partitioned, is the
+family's row in `families.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -22,28 +23,16 @@ class Episode(NamedTuple):
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def to(self, device: torch.device | str) -> "Episode":
+    def to(self, device: torch.device | str) -> Episode:
         return Episode(*(t.to(device) for t in self))
 
-    def task(self, i: int) -> "Episode":
-        """The i-th task alone, keeping a task dimension of 1."""
-        return Episode(*(t[i : i + 1] for t in self))
-
-    def split(self, sizes: list[int]) -> list["Episode"]:
-        """Split along the task dimension."""
-        parts = [t.split(sizes) for t in self]
-        return [Episode(*p) for p in zip(*parts)]
-
     @staticmethod
-    def cat(episodes: list["Episode"]) -> "Episode":
+    def cat(episodes: list[Episode]) -> Episode:
         return Episode(*(torch.cat(ts) for ts in zip(*episodes)))
 
 
 class TaskSource(Protocol):
-    """What every task family provides."""
-
-    model: str  # name for fedmeta.models.build
-    loss: str  # name for fedmeta.losses
+    """What every task source provides."""
 
     def sample(self, num_tasks: int, shots: int, query_shots: int,
                generator: torch.Generator) -> Episode: ...

@@ -17,10 +17,16 @@ Splits (`omniglot-split`):
 - "alphabet": the 30 background alphabets (964 characters) meta-train, the 20 evaluation
   alphabets (659 characters) meta-test.
 
-Federated partition (any `omniglot-split`): the first `num_partitions - heldout_partitions`
+Federated partition (`partition`, any `omniglot-split`): the first `num_partitions - heldout_partitions`
 partitions are training clients owning contiguous groups of the 30 background alphabets (one
 each with 30 training partitions); the last `heldout_partitions` own contiguous groups of the 20
 evaluation alphabets, which no training client sees.
+
+Global labels (`algorithm = "pretrain-global"`): every class a training partition may own (the
+background alphabets with `partition = "non-iid"`, the meta-train split with "iid"; rotations
+included) has one label, its rank in (character id, quarter turns) order, so that every client
+agrees on the label ids: 964 x 4 = 3856 classes for the background alphabets, and a training
+partition's classes are a contiguous range of them.
 """
 
 from __future__ import annotations
@@ -49,8 +55,7 @@ class OmniglotTasks:
     turns: torch.Tensor  # (classes,) int64 quarter turns (counter-clockwise) of each class
     ways: int
     what: str = "omniglot"  # names the source in error messages
-    model: str = "conv4"
-    loss: str = "cross_entropy"
+    labels: torch.Tensor | None = None  # (classes,) int64 global label of each class; None: outside the space
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.shape[1:] != (DRAWINGS, SIZE, SIZE):
@@ -58,6 +63,8 @@ class OmniglotTasks:
                              f"{self.images.dtype} {tuple(self.images.shape)}")
         if not len(self.images) == len(self.char_ids) == len(self.turns):
             raise ValueError("images, char_ids and turns must have one row per class")
+        if self.labels is not None and self.labels.shape != self.char_ids.shape:
+            raise ValueError("labels must have one entry per class")
         if self.ways < 1:
             raise ValueError(f"ways = {self.ways}: must be >= 1")
         if self.ways > len(self.images):
@@ -96,16 +103,43 @@ class OmniglotTasks:
 
         return Episode(*part(0, shots), *part(shots, n))
 
+    def sample_labelled(self, num_images: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`num_images` images of uniformly drawn classes and drawings (with replacement) and their
+        global labels: x (images, 1, 28, 28) float32 with ink = 1, y (images,) int64."""
+        if self.labels is None:
+            raise ValueError(f"{self.what} has no global labels: not all its classes are among those training "
+                             "partitions own (held-out partitions and meta-test sets only evaluate; central "
+                             "training with partition = 'non-iid' needs omniglot-split = 'alphabet')")
+        cls = torch.randint(self.num_classes, (num_images,), generator=generator)
+        draw = torch.randint(DRAWINGS, (num_images,), generator=generator)
+        x = self.images[cls, draw].unsqueeze(1).float().div_(255.0)  # (images, 1, 28, 28)
+        return x, self.labels[cls]
 
-def tasks_of(data: Omniglot, rows: np.ndarray, ways: int, rotations: bool, what: str) -> OmniglotTasks:
-    """A task source over the characters `rows` of `data`, with 4 rotations each if `rotations`."""
+
+def tasks_of(data: Omniglot, rows: np.ndarray, ways: int, rotations: bool, what: str,
+             space: torch.Tensor | None = None) -> OmniglotTasks:
+    """A task source over the characters `rows` of `data`, with 4 rotations each if `rotations`; its
+    classes get global labels if they all lie in `space` (`global_space`)."""
     images = torch.from_numpy(data.images[np.asarray(rows, dtype=np.int64)])  # (chars, 20, 28, 28), a copy
     ids = torch.from_numpy(data.char_ids[rows])
     turns = 4 if rotations else 1
     if rotations:  # class order (character, turns)
         images = torch.stack([torch.rot90(images, k, (-2, -1)) for k in range(turns)], 1).flatten(0, 1)
-    return OmniglotTasks(images.contiguous(), ids.repeat_interleave(turns),
-                         torch.arange(turns).repeat(len(ids)), ways, what)
+    char_ids, quarter_turns = ids.repeat_interleave(turns), torch.arange(turns).repeat(len(ids))
+    return OmniglotTasks(images.contiguous(), char_ids, quarter_turns, ways, what,
+                         None if space is None else _labels(space, char_ids, quarter_turns))
+
+
+def _key(char_ids: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """One int per class, increasing in (character id, quarter turns)."""
+    return char_ids * 4 + turns
+
+
+def _labels(space: torch.Tensor, char_ids: torch.Tensor, turns: torch.Tensor) -> torch.Tensor | None:
+    """The global labels of classes: their ranks in `space`; None if one is not in it."""
+    keys = _key(char_ids, turns)
+    labels = torch.searchsorted(space, keys).clamp_(max=len(space) - 1)
+    return labels if bool((space[labels] == keys).all()) else None
 
 
 # --- splits ---------------------------------------------------------------------------------------------
@@ -131,22 +165,39 @@ def alphabet_groups(alphabets: list[int], groups: int) -> list[list[int]]:
     return [alphabets[g * n // groups:(g + 1) * n // groups] for g in range(groups)]
 
 
-# --- entry points (fedmeta.partition) -------------------------------------------------------------------
+# --- the family's entry points (fedmeta.tasks.families) --------------------------------------------------
+def _split(cfg: Config, data: Omniglot) -> tuple[np.ndarray, np.ndarray]:
+    """(meta-train rows, meta-test rows) of `omniglot-split`."""
+    return character_split(len(data.char_ids)) if cfg.omniglot_split == "character" else alphabet_split(data)
+
+
+def global_space(cfg: Config, data: Omniglot) -> torch.Tensor:
+    """Sorted keys (`_key`) of every class a training partition may own: the background alphabets
+    (non-iid partitions) or the meta-train split (iid), 4 rotations each if `omniglot-rotations`."""
+    rows = data.rows_of(data.alphabets_of(SETS[0])) if cfg.partition == "non-iid" else _split(cfg, data)[0]
+    ids = torch.from_numpy(data.char_ids[rows])  # increasing
+    turns = 4 if cfg.omniglot_rotations else 1
+    return _key(ids[:, None], torch.arange(turns)).flatten()  # (classes,)
+
+
+def global_classes(cfg: Config) -> int:
+    """The size of the global label space (3856 for the background alphabets with rotations)."""
+    return len(global_space(cfg, _load(cfg)))
+
+
 def source(cfg: Config, split: str = "train") -> OmniglotTasks:
     """Central meta-train ("train", with rotations if enabled) or meta-test ("test") source."""
     if split not in ("train", "test"):
         raise ValueError(f"split = {split!r}: must be 'train' or 'test'")
     data = _load(cfg)
-    if cfg.omniglot_split == "character":
-        train, test = character_split(len(data.char_ids))
-    else:
-        train, test = alphabet_split(data)
+    train, test = _split(cfg, data)
     rows = train if split == "train" else test
     return tasks_of(data, rows, cfg.ways, cfg.omniglot_rotations and split == "train",
-                    f"the Omniglot {cfg.omniglot_split} split's {split} set ({len(rows)} characters)")
+                    f"the Omniglot {cfg.omniglot_split} split's {split} set ({len(rows)} characters)",
+                    global_space(cfg, data) if split == "train" else None)
 
 
-def partition_source(cfg: Config, partition_id: int, num_partitions: int) -> OmniglotTasks:
+def partition(cfg: Config, partition_id: int, num_partitions: int) -> OmniglotTasks:
     """A client's alphabets: background groups for training clients, evaluation groups held out."""
     heldout = cfg.heldout_partitions
     n_train = num_partitions - heldout
@@ -168,8 +219,8 @@ def partition_source(cfg: Config, partition_id: int, num_partitions: int) -> Omn
     if len(rows) < cfg.ways:
         raise ValueError(f"partition {partition_id} owns {len(rows)} characters ({names}), fewer than "
                          f"ways = {cfg.ways}; use fewer partitions or fewer ways")
-    return tasks_of(data, rows, cfg.ways, cfg.omniglot_rotations and train,
-                    f"partition {partition_id} ({names})")
+    return tasks_of(data, rows, cfg.ways, cfg.omniglot_rotations and train, f"partition {partition_id} ({names})",
+                    global_space(cfg, data) if train else None)
 
 
 def _load(cfg: Config) -> Omniglot:
@@ -177,7 +228,7 @@ def _load(cfg: Config) -> Omniglot:
 
 
 __all__ = ["OmniglotDataError", "OmniglotTasks", "alphabet_groups", "alphabet_split", "character_split",
-           "partition_source", "source", "tasks_of"]
+           "global_classes", "global_space", "partition", "source", "tasks_of"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Episode
+from ..config import Config
+from . import Episode, bins
 
 
 @dataclass(frozen=True)
 class QuadraticTasks:
     dim: int = 10
     scale: tuple[float, float] = (1.0, 1.0)
-    model: str = "linear"
-    loss: str = "sse"
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -40,3 +39,14 @@ class QuadraticTasks:
         w = s * torch.randn((num_tasks, self.dim, self.dim), generator=generator)  # (tasks, dim, dim)
         y = torch.randn((num_tasks, self.dim, 1), generator=generator)  # (tasks, dim, 1)
         return Episode(w, y, w, y)
+
+
+def source(cfg: Config, split: str = "train") -> QuadraticTasks:
+    """The whole family of the config; evaluation ("test") draws fresh problems from the same family."""
+    return QuadraticTasks(cfg.quadratic_dim, (cfg.quadratic_scale_min, cfg.quadratic_scale_max))
+
+
+def partition(cfg: Config, partition_id: int, num_partitions: int) -> QuadraticTasks:
+    """A non-IID partition: a slice of the scale of W (`bins`)."""
+    return QuadraticTasks(cfg.quadratic_dim, bins.owned(cfg, (cfg.quadratic_scale_min, cfg.quadratic_scale_max),
+                                                        partition_id, num_partitions))

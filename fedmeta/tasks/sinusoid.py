@@ -1,7 +1,7 @@
 """Sinusoid regression, exactly as in MAML (Finn et al. 2017, §5.1).
 
 A task is y = A sin(x - phase) with A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]. Sub-ranges of
-amplitude and phase let a client own a non-IID slice of the family.
+amplitude let a partition own a non-IID slice of the family (`partition`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Episode
+from ..config import Config
+from . import Episode, bins
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,6 @@ class SinusoidTasks:
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
-    model: str = "mlp"
-    loss: str = "mse"
 
     def __post_init__(self) -> None:
         for name in ("amplitude", "phase", "x_range"):
@@ -42,3 +41,14 @@ class SinusoidTasks:
 def _uniform(shape: tuple[int, ...], bounds: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     lo, hi = bounds
     return lo + (hi - lo) * torch.rand(shape, generator=generator)
+
+
+def source(cfg: Config, split: str = "train") -> SinusoidTasks:
+    """The whole family of the config; evaluation ("test") draws fresh tasks from the same family."""
+    return SinusoidTasks((cfg.amplitude_min, cfg.amplitude_max), (cfg.phase_min, cfg.phase_max), (cfg.x_min, cfg.x_max))
+
+
+def partition(cfg: Config, partition_id: int, num_partitions: int) -> SinusoidTasks:
+    """A non-IID partition: a slice of the amplitudes (`bins`); phases and x keep the full range."""
+    return SinusoidTasks(bins.owned(cfg, (cfg.amplitude_min, cfg.amplitude_max), partition_id, num_partitions),
+                         (cfg.phase_min, cfg.phase_max), (cfg.x_min, cfg.x_max))

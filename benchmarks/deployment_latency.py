@@ -1,6 +1,7 @@
 """Round latency of the Flower Deployment Engine on loopback (TLS + SuperNode auth), stock vs tuned, in one run.
 
     flock /tmp/fedmeta-cpu.lock .venv/bin/python benchmarks/deployment_latency.py [--rounds 4]
+    python benchmarks/deployment_latency.py --quick      # smoke run: one variant, 2 rounds
     -> results/deployment_latency/latency.csv   one row per (variant, round)
        results/deployment_latency/imports.csv   import cost paid by every flwr-clientapp process
        results/deployment_latency/summary.json, summary.md
@@ -26,10 +27,6 @@ Variants (cumulative unless said):
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -39,14 +36,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from deploy.launch import Deployment
+from fedmeta.lab import tables
+from fedmeta.lab.args import REPO, Args, arg, command, parse
+from fedmeta.results import load_run
 
-from deploy.launch import Deployment  # noqa: E402
-from fedmeta.results import load_run  # noqa: E402
-
-OUT = REPO / "results" / "deployment_latency"
 RUN = {"task": "sinusoid", "algorithm": "maml", "local-iterations": 2, "meta-batch-size": 5, "eval-tasks": 5,
        "eval-steps": 2, "heldout-partitions": 1, "min-train-nodes": 2, "round-timeout": 600.0, "threads": 1,
        "checkpoint-every": 100, "seed": 0}
@@ -193,19 +189,26 @@ def import_costs(reps: int) -> list[dict]:
     return rows
 
 
+@dataclass(frozen=True)
+class Settings(Args):
+    SCRIPT: ClassVar[str] = "benchmarks/deployment_latency.py"
+    NAME: ClassVar[str] = "deployment_latency"
+    QUICK: ClassVar[dict] = {"rounds": 2, "variants": ("+app-poll",), "import_reps": 1}
+
+    rounds: int = arg(4, "rounds per variant (>= 2; round 1 is excluded)")
+    variants: tuple[str, ...] = arg(tuple(v.name for v in VARIANTS), "the variants to measure",
+                                    choices=tuple(v.name for v in VARIANTS))
+    import_reps: int = arg(5, "fresh interpreters timing the flwr-clientapp imports")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=4, help="rounds per variant (default 4; round 1 is excluded)")
-    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated subset")
-    p.add_argument("--import-reps", type=int, default=5)
-    p.add_argument("--out", default=str(OUT))
-    args = p.parse_args(argv)
-    chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
+    args = parse(Settings, argv, __doc__.split("\n\n")[0])
+    chosen = [v for v in VARIANTS if v.name in args.variants]
     if not chosen or args.rounds < 2:
-        p.error("choose at least one known variant and --rounds >= 2")
-    out = Path(args.out)
+        raise SystemExit("deployment_latency: choose at least one variant and --rounds >= 2")
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    load = os.getloadavg()
+    info = tables.machine()
     rows, walls, phases = [], {}, []
     for v in chosen:
         work = Path(tempfile.mkdtemp(prefix=f"fedmeta-latency-{v.name.strip('+')}-"))
@@ -222,17 +225,17 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     imports = import_costs(args.import_reps)
 
-    _write_csv(out / "latency.csv", rows)
-    _write_csv(out / "imports.csv", imports)
-    _write_csv(out / "phases.csv", phases)
-    summary = summarize(chosen, rows, walls, imports, phases, args.rounds, load)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown(summary))
+    tables.write_csv(out / "latency.csv", rows)
+    tables.write_csv(out / "imports.csv", imports)
+    tables.write_csv(out / "phases.csv", phases)
+    summary = summarize(chosen, rows, walls, imports, phases, args.rounds, info, command(args))
+    tables.write_json(out / "summary.json", summary)
+    tables.write_text(out / "summary.md", markdown(summary))
     print(markdown(summary))
     return 0
 
 
-def summarize(chosen, rows, walls, imports, phases, rounds, load) -> dict:
+def summarize(chosen, rows, walls, imports, phases, rounds, machine, cmd) -> dict:
     def med(xs):
         xs = [x for x in xs if x is not None]
         return statistics.median(xs) if xs else None
@@ -260,11 +263,8 @@ def summarize(chosen, rows, walls, imports, phases, rounds, load) -> dict:
         base = by_name.get(v.baseline)
         s["baseline"] = v.baseline if base else None
         s["effect_vs_baseline_s"] = s["steady_round_median_s"] - base["steady_round_median_s"] if base else None
-    return {"command": "flock /tmp/fedmeta-cpu.lock .venv/bin/python benchmarks/deployment_latency.py "
-                       f"--rounds {rounds}",
-            "rounds_per_variant": rounds, "nodes": 3, "run_config": RUN,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_start": load},
-            "flwr": _version("flwr"), "torch": _version("torch"), "variants": variants,
+    return {"command": cmd, "rounds_per_variant": rounds, "nodes": 3, "run_config": RUN, "machine": machine,
+            "flwr": machine["flwr"], "torch": machine["torch"], "variants": variants,
             "imports_median_s": {k: med([r[k] for r in imports]) for k in
                                  ("process_total_s", "flwr_clientapp_import_s", "torch_import_s",
                                   "clients_client_app_rest_import_s")}}
@@ -273,7 +273,7 @@ def summarize(chosen, rows, walls, imports, phases, rounds, load) -> dict:
 def markdown(s: dict) -> str:
     lines = ["# Deployment round latency (loopback, TLS + SuperNode auth, 3 SuperNodes)", "",
              f"Command: `{s['command']}`  ", f"Flower {s['flwr']}, torch {s['torch']}, {s['machine']['cpus']} CPUs, "
-             f"load average at start {s['machine']['loadavg_at_start'][0]:.2f}. Rounds 2..{s['rounds_per_variant']} "
+             f"load average at start {s['machine']['load_average'][0]:.2f}. Rounds 2..{s['rounds_per_variant']} "
              "of one tiny seeded run per variant (round 1 also discovers the nodes).", "",
              "| variant | what | steady round median (s) | each steady round (s) | speedup vs stock "
              "| effect vs baseline (s) | client compute (s) | overhead (s) | round 1 (s) |",
@@ -316,21 +316,6 @@ def markdown(s: dict) -> str:
               f"{i['clients_client_app_rest_import_s']:.2f} s, so lighter imports in the client module cannot "
               "cut more than that (torch is needed for the compute).", ""]
     return "\n".join(lines)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _version(pkg: str) -> str:
-    import importlib.metadata as md
-
-    return md.version(pkg)
 
 
 if __name__ == "__main__":

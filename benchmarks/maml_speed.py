@@ -20,18 +20,19 @@ first-call column is an honest compile warm-up.
 
     flock /tmp/fedmeta-cpu.lock python benchmarks/maml_speed.py            # full run (~3-4 min)
     python benchmarks/maml_speed.py --steps 1 --reps 20 --out /tmp/x        # quick look
+    python benchmarks/maml_speed.py --quick                                 # smoke run: eager paths only
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +43,30 @@ from fedmeta.algorithms import fast
 from fedmeta.algorithms.base import COMPILE_OPTIONS
 from fedmeta.algorithms.maml import MAML
 from fedmeta.config import Config
-from references import higher_path, loop_path, machine_info, quantile, time_paths, write_rows
+from fedmeta.lab import tables
+from fedmeta.lab.args import Args, arg, command, parse
 from fedmeta.tasks.sinusoid import SinusoidTasks
+from references import higher_path, loop_path, quantile, time_paths
 
-REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"loop": 25, "higher": 40}  # speed-ups the issue asks of fedmeta-compile
 
+
+@dataclass(frozen=True)
+class Settings(Args):
+    SCRIPT: ClassVar[str] = "benchmarks/maml_speed.py"
+    NAME: ClassVar[str] = "maml_speed"
+    QUICK: ClassVar[dict] = {"steps": (1,), "reps": 3, "warmup": 1, "compiled": False}
+
+    steps: tuple[int, ...] = arg((1, 5), "inner steps of each setting")
+    reps: int = arg(100, "timed repetitions of every path")
+    warmup: int = arg(5, "untimed calls of every path before timing")
+    tasks: int = arg(25, "tasks per meta-batch")
+    shots: int = arg(10, "support and query examples per task")
+    threads: int = arg(1, "torch intra-op threads")
+    seed: int = arg(0, "seed of the meta-parameters and the episode")
+    compiled: bool = arg(True, "time the torch.compile'd paths (each compiles first: seconds to a minute)")
+    generic_compile: bool = arg(True, "compile the generic path too (~30 s)")
+    warm_cache: bool = arg(False, "reuse the inductor cache (first calls then do not show the compile warm-up)")
 
 
 def fedmeta_path(cfg: Config):
@@ -79,13 +98,15 @@ def bench(steps: int, args) -> list[dict]:
     except ImportError:
         print("NOTE: `higher` is not installed (pip install -e '.[bench]'); skipping the higher path")
     paths["fedmeta-eager"] = fedmeta_path(cfg)
-    paths["fedmeta-compile"] = fedmeta_path(cfg.replace(compile=True))
+    if args.compiled:
+        paths["fedmeta-compile"] = fedmeta_path(cfg.replace(compile=True))
     generic = grad_and_value(algo.meta_loss)  # the generic torch.func path, bypassing the fast one
     paths["generic-eager"] = raw_path(generic, None)
-    if not args.no_generic_compile:
+    if args.compiled and args.generic_compile:
         paths["generic-compile"] = raw_path(generic, COMPILE_OPTIONS)
-    paths["fast-raw-compile-py"] = raw_path(MAML(cfg).meta_gradient_fn(), {})
-    paths["fast-raw-compile-cpp"] = raw_path(MAML(cfg).meta_gradient_fn(), COMPILE_OPTIONS)
+    if args.compiled:
+        paths["fast-raw-compile-py"] = raw_path(MAML(cfg).meta_gradient_fn(), {})
+        paths["fast-raw-compile-cpp"] = raw_path(MAML(cfg).meta_gradient_fn(), COMPILE_OPTIONS)
 
     first, results = {}, {}
     for name, run in paths.items():  # first call: compile warm-up for the compiled paths
@@ -113,12 +134,13 @@ def bench(steps: int, args) -> list[dict]:
 
 
 def write(rows: list[dict], info: dict, out: Path) -> None:
-    write_rows(out, "maml_speed", rows, info)
+    tables.write_csv(out / "maml_speed.csv", rows)
+    tables.write_json(out / "summary.json", {**info, "results": rows})
     lines = ["# Second-order MAML meta-iteration, sinusoid (1-40-40-1 MLP, 25 tasks, K=10+10, inner lr 0.01)", "",
              f"Command: `{info['command']}`  ",
              f"Machine: {info['cpu']}, {info['cpus']} cores, torch {info['torch']}, higher {info['higher']}, "
-             f"{info['threads']} thread(s); load average at start {info['loadavg_start'][0]:.2f}, "
-             f"end {info['loadavg_end'][0]:.2f}  ",
+             f"{info['threads']} thread(s); load average at start {info['load_average'][0]:.2f}, "
+             f"end {info['load_average_end'][0]:.2f}  ",
              f"Median of {rows[0]['reps']} interleaved repetitions after warm-up; diff = max |grad - loop grad|; "
              f"first call = compile warm-up for compiled paths (inductor cache {info['inductor_cache']}).", "",
              "| inner steps | path | ms/iter (median) | p10-p90 ms | x loop | x higher | max abs diff vs loop | first call s |",
@@ -140,22 +162,9 @@ def write(rows: list[dict], info: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--reps", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--tasks", type=int, default=25)
-    parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-generic-compile", action="store_true", help="skip the ~30 s compile of the generic path")
-    parser.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (first calls then "
-                        "do not show the compile warm-up)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "maml_speed")
-    args = parser.parse_args(argv)
+    args = parse(Settings, argv, __doc__.split("\n")[0])
     torch.set_num_threads(args.threads)
-    info = machine_info()
-    info["command"] = "python benchmarks/maml_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    info = {**tables.machine(("higher",)), "command": command(args)}
     cache = None if args.warm_cache else tempfile.mkdtemp(prefix="maml_speed_inductor_")
     if cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read by inductor at compile time
@@ -166,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
-    info["loadavg_end"] = os.getloadavg()
-    write(rows, info, args.out)
-    print((args.out / "summary.md").read_text())
+    info["load_average_end"] = list(os.getloadavg())
+    write(rows, info, args.out_dir)
+    print((args.out_dir / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -22,17 +22,18 @@ machine's matmul peak (1 and 2 threads) is measured in the same run, so every pa
     flock -o /tmp/fedmeta-cpu.lock python benchmarks/omniglot_speed.py          # full run (~10 min)
     python benchmarks/omniglot_speed.py --query 1 --threads 1 --reps 2 --out /tmp/x   # quick look
     flock -o /tmp/fedmeta-cpu.lock python benchmarks/omniglot_speed.py --reps 3 --generic-query 1   # ~5 min
+    python benchmarks/omniglot_speed.py --quick       # smoke run: 4 tasks, 1 thread, no generic path
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,34 @@ from fedmeta import seeding
 from fedmeta.algorithms import grouped
 from fedmeta.algorithms.maml import MAML
 from fedmeta.config import Config
+from fedmeta.lab import tables
+from fedmeta.lab.args import REPO, Args, arg, command, parse, settings
 from fedmeta.tasks import Episode
-from references import higher_path, loop_path, machine_info, quantile, time_paths, write_rows
+from references import higher_path, loop_path, quantile, time_paths
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET_VS_HIGHER = 3.0  # speed-up the issue asks of the fast path
+
+
+@dataclass(frozen=True)
+class Settings(Args):
+    SCRIPT: ClassVar[str] = "benchmarks/omniglot_speed.py"
+    NAME: ClassVar[str] = "omniglot_speed"
+    QUICK: ClassVar[dict] = {"query": (1,), "threads": (1,), "reps": 1, "tasks": 4, "skip_generic": True,
+                             "peak_sizes": (256,)}
+
+    query: tuple[int, ...] = arg((1, 15), "query images per class (one setting each)")
+    threads: tuple[int, ...] = arg((1, 2), "intra-op thread counts")
+    reps: int = arg(5, "timed repetitions of every path")
+    tasks: int = arg(32, "tasks per meta-batch")
+    ways: int = arg(5, "classes per episode")
+    shots: int = arg(1, "support images per class")
+    inner_lr: float = arg(0.4, "inner step size")
+    seed: int = arg(0, "seed of the meta-parameters and the episodes")
+    data_dir: Path = arg(REPO.parent / "shared" / "data" / "omniglot", "Omniglot arrays")
+    synthetic: bool = arg(False, "random binary images instead of Omniglot")
+    skip_generic: bool = arg(False, "skip the (slow) generic torch.func path")
+    generic_query: tuple[int, ...] | None = arg(None, "time the generic path only at these query sizes (default: all)")
+    peak_sizes: tuple[int, ...] = arg((512, 1024, 2048), "square matmul sizes of the peak measurement")
 
 
 # --- the paths ------------------------------------------------------------------------------------------
@@ -140,7 +164,7 @@ def episode_for(args, cfg: Config, query: int) -> Episode:
 
 
 def bench(query: int, args, peaks: dict) -> tuple[list[dict], dict]:
-    cfg = Config(task="omniglot", data_dir=args.data_dir, ways=args.ways, shots=args.shots, query_shots=query,
+    cfg = Config(task="omniglot", data_dir=str(args.data_dir), ways=args.ways, shots=args.shots, query_shots=query,
                  inner_steps=1, inner_lr=args.inner_lr, meta_batch_size=args.tasks)
     algo = MAML(cfg)
     if not grouped.applies(algo):
@@ -207,13 +231,14 @@ def bench(query: int, args, peaks: dict) -> tuple[list[dict], dict]:
 # --- output -----------------------------------------------------------------------------------------------
 
 def write(rows: list[dict], info: dict, out: Path) -> None:
-    write_rows(out, "omniglot_speed", rows, info)
+    tables.write_csv(out / "omniglot_speed.csv", rows)
+    tables.write_json(out / "summary.json", {**info, "results": rows})
     a = info["args"]
     lines = [f"# Second-order MAML meta-iteration, Omniglot {a['ways']}-way {a['shots']}-shot "
              f"(conv4 64 filters, meta-batch {a['tasks']}, 1 inner step alpha = {a['inner_lr']})", "",
              f"Command: `{info['command']}`  ",
              f"Machine: {info['cpu']}, {info['cpus']} cores, torch {info['torch']}, higher {info['higher']}; "
-             f"load average at start {info['loadavg_start'][0]:.2f}, end {info['loadavg_end'][0]:.2f}  ",
+             f"load average at start {info['load_average'][0]:.2f}, end {info['load_average_end'][0]:.2f}  ",
              f"Data: {info['data']}. Median of {a['reps']} interleaved repetitions after a first call; "
              "diff = max |grad - loop grad| (float32), relative to max |loop grad|; err = the same against the "
              "float64 meta-gradient (grouped.py in float64, equal to the float64 loop to 1e-9 in "
@@ -254,37 +279,20 @@ def write(rows: list[dict], info: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--query", type=int, nargs="+", default=[1, 15], help="query images per class")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--tasks", type=int, default=32)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--inner-lr", type=float, default=0.4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "omniglot"))
-    parser.add_argument("--synthetic", action="store_true", help="random binary images instead of Omniglot")
-    parser.add_argument("--skip-generic", action="store_true", help="skip the (slow) generic torch.func path")
-    parser.add_argument("--generic-query", type=int, nargs="+", default=None,
-                        help="time the generic path only at these query sizes (default: all)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "omniglot_speed")
-    args = parser.parse_args(argv)
-    info = machine_info()
-    info["command"] = "python benchmarks/omniglot_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    info["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args = parse(Settings, argv, __doc__.split("\n")[0])
+    info = {**tables.machine(("higher",)), "command": command(args), "args": settings(args)}
     info["data"] = ("synthetic binary images" if args.synthetic
                     else "Omniglot, MAML character split, meta-train episodes with rotations")
-    info["peaks"] = {t: matmul_peak(t) for t in args.threads}
+    info["peaks"] = {t: matmul_peak(t, args.peak_sizes) for t in args.threads}
     print("matmul peak", info["peaks"], flush=True)
     rows, info["flops"] = [], {}
     for q in args.query:
         part, info["flops"][q] = bench(q, args, info["peaks"])
         rows += part
-    info["threads"] = args.threads
-    info["loadavg_end"] = os.getloadavg()
-    write(rows, info, args.out)
-    print((args.out / "summary.md").read_text())
+    info["threads"] = list(args.threads)
+    info["load_average_end"] = list(os.getloadavg())
+    write(rows, info, args.out_dir)
+    print((args.out_dir / "summary.md").read_text())
 
 
 if __name__ == "__main__":

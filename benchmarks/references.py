@@ -5,14 +5,12 @@
 - `higher_path`: `higher` 0.2.1's MAML recipe (innerloop_ctx per task, the query loss backpropagated
   per task); `pip install ".[bench]"`.
 Both take the task loss (`F.mse_loss` for regression, `F.cross_entropy` for classification).
+Machine info, CSV and JSON writing are `fedmeta.lab.tables`'s, as in every script.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -87,28 +85,3 @@ def time_paths(paths: dict, meta_params, episode: Episode, reps: int, warmup: in
 
 def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
-
-
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    try:
-        higher_version = importlib.metadata.version("higher")
-    except importlib.metadata.PackageNotFoundError:
-        higher_version = None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "higher": higher_version, "threads": torch.get_num_threads(),
-            "mkldnn": torch.backends.mkldnn.is_available(), "loadavg_start": os.getloadavg()}
-
-
-def write_rows(out, name: str, rows: list[dict], info: dict) -> None:
-    """`<out>/<name>.csv` (one row per path and setting) and `<out>/summary.json` (machine info + rows)."""
-    import csv
-    import json
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "summary.json").write_text(json.dumps({**info, "results": rows}, indent=2) + "\n")

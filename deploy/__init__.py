@@ -1,5 +1,7 @@
-"""Deployment tooling: certificates and node keys (`certs`), a local TLS + node-auth launcher (`launch`),
-private networks of Linux network namespaces (`netns`).
+"""Deployment tooling: certificates and node keys (`certs`), process trees and signal handling (`processes`,
+also used by `fedmeta run`), the local TLS + node-auth deployment (`deployment`) and its command line
+(`launch`), private networks of Linux network namespaces (`netns`).
 
-See docs/deployment.md. Nothing here is imported by the app itself (clients/, strategies/, fedmeta/).
+See docs/deployment.md. Nothing here imports Flower (it runs Flower's commands), and the app itself (clients/,
+strategies/) never imports this package.
 """

@@ -57,7 +57,7 @@ def make_ca(out: str | Path, days: int = 365) -> tuple[Path, Path]:
     """A self-signed certificate authority: `out/ca.crt`, `out/ca.key`."""
     out = Path(out)
     key = ec.generate_private_key(CURVE)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("fedmeta CA")).issuer_name(_name("fedmeta CA"))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
@@ -91,7 +91,7 @@ def make_server_cert(out: str | Path, hosts: list[str], days: int = 365) -> tupl
     ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
     signer = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
     key = ec.generate_private_key(CURVE)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(hosts[0] if hosts else LOOPBACK[0]))
             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))

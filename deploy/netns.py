@@ -18,10 +18,11 @@ import os
 import shutil
 import subprocess
 import uuid
+from typing import Self
 
 
 def _ip(*args: str, timeout: float = 20) -> None:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(["ip", *args], check=False, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"`ip {' '.join(args)}` failed: {out.stderr.strip()}")
 
@@ -39,7 +40,7 @@ def available() -> tuple[bool, str]:
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
         return False, f"cannot create a network namespace with a bridge: {err}"
     finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=20)
+        subprocess.run(["ip", "netns", "del", probe], check=False, capture_output=True, timeout=20)
     return True, ""
 
 
@@ -107,7 +108,7 @@ class Network:
         """Delete every namespace this network created (idempotent)."""
         errors = []
         for ns in reversed(self.namespaces):
-            out = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, text=True, timeout=30)
             if out.returncode != 0 and "No such file" not in out.stderr:
                 errors.append(f"{ns}: {out.stderr.strip()}")
         self.namespaces.clear()
@@ -115,7 +116,7 @@ class Network:
         if errors:
             raise RuntimeError("could not delete network namespaces: " + "; ".join(errors))
 
-    def __enter__(self) -> "Network":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

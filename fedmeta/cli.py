@@ -5,10 +5,12 @@
     fedmeta show RUN_DIR
 
 `fedmeta run` checks the run config against `fedmeta.config.Config` before anything starts
-(a bad key or value exits with status 2, naming the key), passes the absolute results directory
-and run name to the app, starts a local SuperLink if none is running (and stops it afterwards),
-runs `flwr run <app> --stream`, and exits non-zero unless the run directory says "completed"
-(`flwr run` itself exits 0 even when the run failed). This module never imports Flower.
+(a bad key or value exits with status 2, naming the key), refuses a run directory that already
+holds a run, passes the absolute results directory and run name to the app, starts a local
+SuperLink if none is running (and stops it afterwards), runs `flwr run <app> --stream`, shows a
+live progress line on a terminal, and exits with the status the run directory records
+(`flwr run` itself exits 0 even when the run failed). Ctrl-C / SIGTERM stop everything it
+started (`fedmeta.runner`). This module never imports Flower.
 """
 
 from __future__ import annotations
@@ -16,42 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
-import tomllib
-import urllib.request
 from pathlib import Path
 
-from .config import Config, ConfigError
+from deploy.processes import interrupts
+
+from .config import Config, ConfigError, app_defaults, parse_run_config, run_config_string
+from .progress import output_for
+from .runner import LocalRun
 
 DEFAULT_FEDERATION = "num-supernodes=10 client-resources-num-cpus=1"
-STATUS_WAIT_S = 60.0
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """`k1=v1 k2="s"` strings (the `flwr run --run-config` syntax) -> dict, values parsed as TOML."""
-    pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", " ".join(items))
-    try:
-        return tomllib.loads("\n".join(f'"{k}" = {v}' for k, v in pairs))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"cannot parse run config {items!r}: {err}") from err
-
-
-def app_defaults(app: Path) -> dict:
-    with (app / "pyproject.toml").open("rb") as f:
-        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-
-
-def to_toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
 
 
 def resolve(app: Path, overrides: dict, name: str | None, results: str | None) -> tuple[Config, dict]:
@@ -69,108 +48,89 @@ def resolve(app: Path, overrides: dict, name: str | None, results: str | None) -
     return cfg, {**overrides, **extra}
 
 
-# --- the local SuperLink ------------------------------------------------------------------------
-def _port(env: str, default: str) -> str:
-    return os.environ.get(env, default)
+# --- run directories and exit status -------------------------------------------------------------
+RUN_FILES = ("config.json", "rounds.csv", "clients.csv", "status.json", "model.pt", "checkpoints", "flwr.log")
+EXIT_COMPLETED, EXIT_FAILED, EXIT_REFUSED, EXIT_WITH_FAILURES = 0, 1, 2, 3
+EXIT_STATUS = """exit status: 0 completed; 3 completed with failures (rounds where sampled clients failed or
+were rejected; counts in status.json); 1 failed (status.json says "failed", or the run left none); 2 refused
+at start-up (bad config, or a run directory that already holds a run); 130 / 143 interrupted by SIGINT
+(Ctrl-C) / SIGTERM, after stopping the SuperLink, the ServerApp and the Ray processes it started."""
 
 
-def superlink_running() -> bool:
-    port = _port("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
-            return r.status == 200
-    except OSError:
-        return False
+def existing_run(out: Path) -> list[str]:
+    """The files of an earlier run (finished or not) in `out`; such a directory is never reused."""
+    return [name for name in RUN_FILES if (out / name).exists()]
 
 
-def start_superlink(bin_dir: Path) -> subprocess.Popen:
-    """Start a simulation SuperLink like `flwr run` would, but owned (and stopped) by us."""
-    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    (home / "local-superlink").mkdir(parents=True, exist_ok=True)
-    cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-           "--control-api-address", f"127.0.0.1:{_port('FLWR_LOCAL_CONTROL_API_PORT', '39093')}",
-           "--host", "127.0.0.1", "--port", _port("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"),
-           "--log-file", str(home / "local-superlink" / "superlink.log"),
-           "--database", str(home / "local-superlink" / "state.db")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not superlink_running():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"flower-superlink did not start; see {home / 'local-superlink' / 'superlink.log'}")
-        time.sleep(0.2)
-    return proc
+def existing_run_message(out: Path) -> str | None:
+    """Why `out` must not take a new run, naming --name and the resume key; None if it may."""
+    found = existing_run(out)
+    if not found:
+        return None
+    return (f"{out} already holds a run ({', '.join(found)}); a run directory is never appended to or "
+            f"overwritten. Choose another --name, or continue that run into a new directory: "
+            f"--name NEW -c \"resume='{out / 'checkpoints'}'\"")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process group we started: SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+def exit_code(status: dict) -> int:
+    """0 completed, 3 completed-with-failures, 1 anything else (failed, missing, unknown)."""
+    codes = {"completed": EXIT_COMPLETED, "completed-with-failures": EXIT_WITH_FAILURES}
+    return codes.get(status.get("status"), EXIT_FAILED)
+
+
+def finish(status: dict, out: Path, prog: str = "fedmeta") -> int:
+    """Report the run's status (and its rounds unless it failed); return the exit status."""
+    code = exit_code(status)
+    if code == EXIT_FAILED:
+        print(f"{prog}: run FAILED ({status.get('status')}): {status.get('error', 'see ' + str(out / 'flwr.log'))}",
+              file=sys.stderr)
+        return code
+    show_rounds(out)
+    if code == EXIT_WITH_FAILURES:
+        details = {k: v for k, v in status.items() if k not in ("status", "traceback")}
+        print(f"{prog}: run completed WITH FAILURES: {json.dumps(details)}", file=sys.stderr)
+    return code
 
 
 # --- commands -----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     app = Path(args.app).resolve()
     try:
-        cfg, overrides = resolve(app, parse_overrides(args.run_config), args.name, args.results_dir)
+        cfg, overrides = resolve(app, parse_run_config(args.run_config), args.name, args.results_dir)
     except ConfigError as err:
         print(f"fedmeta: refusing to start: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     out = Path(cfg.results_dir) / cfg.run_name
-    if (out / "status.json").exists():
-        print(f"fedmeta: {out} already holds a finished run; choose another --name", file=sys.stderr)
-        return 2
+    if message := existing_run_message(out):
+        print(f"fedmeta: refusing to start: {message}", file=sys.stderr)
+        return EXIT_REFUSED
     bin_dir = Path(sys.executable).parent
     flwr = shutil.which("flwr", path=str(bin_dir)) or shutil.which("flwr")
     if flwr is None:
         print("fedmeta: the `flwr` command is not installed (pip install -e .)", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    os.environ.update(env)
-    link = None if superlink_running() else start_superlink(bin_dir)
     cmd = [flwr, "run", str(app), "--stream",
-           "--run-config", " ".join(f"{k}={to_toml(v)}" for k, v in overrides.items()),
+           "--run-config", run_config_string(overrides),
            "--federation-config", args.federation_config]
     print(f"fedmeta: run directory {out}\n+ {' '.join(cmd)}", flush=True)
+    output = output_for(sys.stdout, args.progress)
+    local = LocalRun(app, out, cmd, env, output, bin_dir, args.keep_superlink)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "flwr.log").open("w") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:  # stream to the terminal and keep a copy with the run
-                sys.stdout.write(line)
-                log.write(line)
-            proc.wait()
-        status = wait_status(out, STATUS_WAIT_S if proc.returncode == 0 else 0)
-    finally:
-        if link is not None and not args.keep_superlink:
-            stop(link)
-    if status.get("status") != "completed":
-        print(f"fedmeta: run FAILED ({status.get('status')}): {status.get('error', 'see ' + str(out / 'flwr.log'))}",
-              file=sys.stderr)
-        return 1
-    show_rounds(out)
-    return 0
-
-
-def wait_status(out: Path, wait: float) -> dict:
-    deadline = time.monotonic() + wait
-    while True:
-        path = out / "status.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        if time.monotonic() > deadline:
-            return {"status": "missing", "error": f"no status.json in {out}; see {out / 'flwr.log'}"}
-        time.sleep(0.5)
+        try:
+            with interrupts(), local:
+                status = local.run()
+        finally:
+            output.close()  # the live line ends before anything else is printed
+    except KeyboardInterrupt as err:  # LocalRun stopped everything and recorded the interrupt in status.json
+        name = str(err) or "SIGINT"
+        print(f"fedmeta: interrupted ({name}); {local.stopped()}", file=sys.stderr)
+        return 128 + getattr(signal.Signals, name, signal.SIGINT)
+    except RuntimeError as err:  # the SuperLink did not start
+        print(f"fedmeta: run FAILED: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return finish(status, out)
 
 
 def show_rounds(path: Path) -> None:
@@ -185,13 +145,17 @@ def show_rounds(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedmeta", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the Flower app (simulation) and check that it completed")
+    r = sub.add_parser("run", help="run the Flower app (simulation) and check that it completed",
+                       description="Run the Flower app on the Simulation Engine and report how the run ended.",
+                       epilog=EXIT_STATUS)
     r.add_argument("--app", default=".", help="directory of the Flower app (default: .)")
     r.add_argument("--run-config", "-c", action="append", default=[], help='"key=value ..." overrides')
     r.add_argument("--federation-config", default=DEFAULT_FEDERATION, help=f'default: "{DEFAULT_FEDERATION}"')
     r.add_argument("--name", help="run name (default: <task>-<algorithm>-<fusion>-<time>)")
     r.add_argument("--results-dir", help="parent of the run directory (default: ./results)")
     r.add_argument("--keep-superlink", action="store_true", help="leave a SuperLink we started running")
+    r.add_argument("--progress", choices=["auto", "live", "plain"], default="auto",
+                   help="auto (default): a live progress line when stdout is a terminal, plain log lines otherwise")
     pl = sub.add_parser("plot", help="write loss/accuracy PNGs into a run directory")
     pl.add_argument("run_dir")
     sh = sub.add_parser("show", help="print a run's rounds table")

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 TASKS = ("sinusoid", "quadratic", "omniglot")
@@ -271,3 +274,40 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, str):
             return value
     raise ConfigError(f"config key {key!r} = {value!r} ({type(value).__name__}): expected {kind.__name__}")
+
+
+# --- the run-config syntax of `flwr run --run-config` / `fedmeta run -c`: "key=value ...", values in TOML ---
+def parse_run_config(items: list[str]) -> dict[str, Any]:
+    """`k1=v1 k2="s"` strings -> dict, values parsed as TOML; a value that is not TOML raises ConfigError."""
+    pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", " ".join(items))
+    try:
+        return tomllib.loads("\n".join(f'"{k}" = {v}' for k, v in pairs))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"cannot parse run config {items!r}: {err}") from err
+
+
+def toml_value(key: str, value: Any) -> str:
+    """One run-config value in TOML; strings the `key=value` syntax cannot carry raise, naming the key."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # 0.001, 1e-06, inf, nan: all TOML floats
+    if isinstance(value, str):
+        if '"' in value or "'" in value or "\\" in value or "\n" in value:
+            raise ConfigError(f"run-config key {key!r}: {value!r} holds a quote, backslash or newline, which the "
+                              "`key=value` run-config syntax cannot carry")
+        return f'"{value}"'
+    raise ConfigError(f"run-config key {key!r}: cannot write {type(value).__name__} {value!r}")
+
+
+def run_config_string(mapping: Mapping[str, Any]) -> str:
+    """The `--run-config` string of a mapping (the inverse of `parse_run_config`)."""
+    return " ".join(f"{k}={toml_value(k, v)}" for k, v in mapping.items())
+
+
+def app_defaults(app: str | Path) -> dict[str, Any]:
+    """The `[tool.flwr.app.config]` mapping of the Flower app in directory `app`."""
+    with (Path(app) / "pyproject.toml").open("rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]

@@ -1,44 +1,36 @@
 """The README's main entry point for real: `fedmeta run` -> `flwr run` -> a local SuperLink in
-simulation mode -> Ray workers; and the two ways a run can go wrong."""
+simulation mode -> Ray workers; the ways a run can go wrong, and the exit status that says so."""
 
-import os
-import socket
+import json
 import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
+from cli_support import FEDMETA, REPO, isolated_env, run_pids
 
+from fedmeta.cli import (
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_REFUSED,
+    EXIT_WITH_FAILURES,
+    exit_code,
+    finish,
+)
 from fedmeta.config import Config
 from fedmeta.results import load_meta_model, load_run
 
-REPO = Path(__file__).resolve().parents[1]
-FEDMETA = str(Path(sys.executable).parent / "fedmeta")
 SMALL = "num-rounds=2 local-iterations=3 meta-batch-size=5 eval-tasks=10 eval-steps=2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def env(tmp_path):
     """An isolated Flower home and SuperLink ports, so no other SuperLink is touched."""
-    return {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    return isolated_env(tmp_path)
 
 
 def fedmeta(env, *args, timeout=300):
-    return subprocess.run([FEDMETA, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def superlinks(home: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "flower-superlink" in line and home in line]
+    return subprocess.run([FEDMETA, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def test_pyproject_config_lists_every_key_with_its_default():
@@ -56,6 +48,33 @@ def test_bad_config_refuses_to_start_naming_the_key(env, tmp_path):
     assert not list(tmp_path.glob("*/config.json"))
 
 
+@pytest.mark.parametrize("earlier", ["config.json", "rounds.csv", "status.json"])
+def test_a_directory_holding_a_run_is_refused_and_left_untouched(env, tmp_path, earlier):
+    """A crashed run (config.json, rounds.csv) or a finished one (status.json) is never appended to."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / earlier).write_text("round,num_sampled\n1,2\n")  # whatever it holds, it is not ours to change
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = fedmeta(env, "run", "--results-dir", str(tmp_path), "--name", "taken", "-c", SMALL, timeout=60)
+    assert r.returncode == EXIT_REFUSED, r.stdout + r.stderr
+    assert "already holds a run" in r.stderr and earlier in r.stderr
+    assert "--name" in r.stderr and f"resume='{out / 'checkpoints'}'" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not run_pids(env)  # refused before anything started
+
+
+def test_exit_status_follows_the_status_file(tmp_path, capsys):
+    assert exit_code({"status": "completed"}) == EXIT_COMPLETED == 0
+    assert exit_code({"status": "completed-with-failures", "failed_clients": 1}) == EXIT_WITH_FAILURES == 3
+    assert exit_code({"status": "failed", "error": "x"}) == EXIT_FAILED == 1
+    assert exit_code({"status": "missing"}) == exit_code({}) == EXIT_FAILED
+    assert finish({"status": "failed", "error": "no round fused a model"}, tmp_path) == 1
+    assert "run FAILED (failed): no round fused a model" in capsys.readouterr().err
+    help_text = fedmeta(None, "run", "--help", timeout=60).stdout
+    help_text = " ".join(help_text.split())  # argparse reflows the epilog
+    assert "3 completed with failures" in help_text and "130 / 143 interrupted" in help_text
+
+
 def test_fedmeta_run_completes_and_cleans_up(env, tmp_path):
     r = fedmeta(env, "run", "--results-dir", str(tmp_path), "--name", "ok", "-c", SMALL,
                 "--federation-config", "num-supernodes=3 client-resources-num-cpus=1")
@@ -65,8 +84,12 @@ def test_fedmeta_run_completes_and_cleans_up(env, tmp_path):
     assert list(run.rounds["round"]) == [1, 2] and (run.rounds["num_replies"] == 1).all()
     assert run.config["config"]["results-dir"] == str(tmp_path)
     assert load_meta_model(tmp_path / "ok" / "model.pt").round == 2
-    assert (tmp_path / "ok" / "flwr.log").stat().st_size > 0
-    assert not superlinks(env["FLWR_HOME"])  # the SuperLink we started is gone
+    log = (tmp_path / "ok" / "flwr.log").read_text()
+    assert log and log in r.stdout  # not a terminal: every streamed line passes through unchanged
+    assert "\x1b[?25l" not in r.stdout  # ... and no live display (rich hides the cursor for one)
+    assert not run_pids(env)  # the SuperLink we started is gone, with everything it started
+    again = fedmeta(env, "run", "--results-dir", str(tmp_path), "--name", "ok", "-c", SMALL, timeout=60)
+    assert again.returncode == EXIT_REFUSED and "status.json" in again.stderr
 
 
 def test_a_failed_run_exits_nonzero(env, tmp_path):
@@ -76,5 +99,5 @@ def test_a_failed_run_exits_nonzero(env, tmp_path):
                 "--federation-config", "num-supernodes=3 client-resources-num-cpus=1")
     assert r.returncode == 1
     assert "FAILED" in r.stderr and "missing.pt" in r.stderr
-    assert load_run(tmp_path / "bad").status["status"] == "failed"
-    assert not superlinks(env["FLWR_HOME"])
+    assert json.loads((tmp_path / "bad" / "status.json").read_text())["status"] == "failed"
+    assert not run_pids(env)

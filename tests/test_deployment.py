@@ -1,5 +1,5 @@
 """The Flower Deployment Engine for real: a SuperLink with TLS and `--enable-supernode-auth`, SuperNodes with
-registered keys, each a separate process tree (deploy.launch.Deployment), driven through the `flwr` CLI.
+registered keys, each a separate process tree (deploy.deployment.Deployment), driven through the `flwr` CLI.
 
 1. Two rounds of federated MAML on sinusoid with three registered SuperNodes; a fourth SuperNode whose key was
    never registered is refused (it exits, the SuperLink logs the refusal, it never appears among the nodes).
@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import re
 import signal
-import ssl
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,13 +28,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from deploy import netns
-from deploy.launch import Deployment, marked
+from deploy.deployment import Deployment
+from deploy.processes import marked
 from fedmeta.results import load_run
 
 # Tiny federated MAML: 2 local meta-iterations of 5 tasks, 5 held-out tasks with 2 adaptation steps.
 RUN = {"task": "sinusoid", "algorithm": "maml", "num-rounds": 2, "local-iterations": 2, "meta-batch-size": 5,
        "eval-tasks": 5, "eval-steps": 2, "heldout-partitions": 1, "min-train-nodes": 2, "round-timeout": 600.0,
-       "threads": 1}
+       "threads": 1, "assign-partitions": False}  # each node trains the partition of its node config
 ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}  # a documented Flower setting (default 1 s); see the guide
 SUPERLINK_NODE_ID = 1
 REPO = Path(__file__).resolve().parents[1]  # src_node_id of the error replies the SuperLink writes itself
@@ -94,7 +95,7 @@ def test_certs_cli_makes_a_chain_flower_accepts(tmp_path):
 
     def certs(*args):
         return subprocess.run([sys.executable, "-m", "deploy.certs", *args, "--out", str(tmp_path)], cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+                              check=False, capture_output=True, text=True, timeout=60)
 
     assert certs("ca").returncode == 0
     assert certs("server", "--host", "10.1.2.3", "--host", "superlink.example.org").returncode == 0
@@ -113,7 +114,7 @@ def test_certs_cli_makes_a_chain_flower_accepts(tmp_path):
     again = certs("node", "--name", "node-0")  # never overwrites a key
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
     missing = subprocess.run([sys.executable, "-m", "deploy.certs", "server", "--out", str(tmp_path / "none")],
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
+                             cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "ca.crt is missing" in missing.stderr
 
 
@@ -196,7 +197,7 @@ def fault(tmp_path_factory):
 
 def test_killed_node_fails_its_round_and_rejoins_after_restart(fault):
     ids, status, run, round1_wait = fault
-    assert status["status"] == "completed", status
+    assert status["status"] == "completed-with-failures" and status["failed_clients"] == 1, status
     r, c = run.rounds, run.clients
     assert list(r["round"]) == [1, 2, 3, 4]
     c = c.assign(node=_node_ids(c))
@@ -212,7 +213,7 @@ def test_killed_node_fails_its_round_and_rejoins_after_restart(fault):
 
 
 def test_dead_node_is_recorded_once_under_its_own_id(fault):
-    ids, status, run, _ = fault
+    ids, _, run, _ = fault
     c, r = run.clients, run.rounds
     assert SUPERLINK_NODE_ID not in set(_node_ids(c))
     assert r.loc[r["round"] == 1, "num_failures"].item() == 1
@@ -229,6 +230,11 @@ def _launch(tmp_path: Path, *args: str, **run) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True, timeout=20)
+    return set(out.stdout.split())
+
+
 def _leftovers(workdir: Path) -> list[int]:
     return marked(f"FLWR_HOME={workdir}/")
 
@@ -239,7 +245,7 @@ def test_launcher_cli_in_separate_network_namespaces(tmp_path):
     ok, why = netns.available()
     if not ok:
         pytest.skip(f"network namespaces unavailable here: {why}")
-    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout.split())
+    before = _namespaces()
     proc = _launch(tmp_path, "--nodes", "3", "--netns")
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
@@ -252,7 +258,7 @@ def test_launcher_cli_in_separate_network_namespaces(tmp_path):
     ids = {f"node-{m.group(1)}": int(m.group(2)) for m in re.finditer(r"node-(\d+)=(\d+)", out)}
     _check_two_rounds(run, ids)
     assert not _leftovers(tmp_path / "work")
-    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout.split())
+    after = _namespaces()
     assert not {n for n in after - before if n.startswith("fm")}  # all namespaces (and veth pairs) are gone
 
 

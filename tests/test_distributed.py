@@ -33,8 +33,7 @@ import torch
 
 from fedmeta import algorithms, distributed, load_meta_model, partition, seeding
 from fedmeta.algorithms.base import take
-from fedmeta.cli import to_toml
-from fedmeta.config import Config
+from fedmeta.config import Config, run_config_string
 from fedmeta.distributed import Comm, Options, command, pack, rundir, shares, unpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +81,7 @@ def launch(*args: str, fault: str = "", timeout: float = 180) -> tuple[subproces
 
 
 def cli_args(name: str, out: Path) -> list[str]:
-    run_config = " ".join(f"{k}={to_toml(v)}" for k, v in CASES[name].items())
+    run_config = run_config_string(CASES[name])
     return ["-m", "fedmeta.distributed", "-c", run_config, "--iterations", str(ITERATIONS), "--checkpoint-every",
             str(EVERY), "--dtype", "float64", "--log-every", "0", "--timeout", "120", "--out", str(out)]
 

@@ -20,8 +20,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from fedmeta import cli
 from fedmeta.algorithms import Evaluation
+from fedmeta.config import parse_run_config
 from fedmeta.lab import federation, protocol, tables
 from fedmeta.lab.args import Args, arg, command, parse
 
@@ -93,7 +93,7 @@ def test_run_config_has_the_changed_keys_in_toml_and_parses_back_to_the_same_con
                                 num_rounds=3, results_dir="/ignored", run_name="ignored")
     assert federation.run_config(cfg) == \
         'compile=true task="omniglot" data-dir="/data dir/omniglot" inner-lr=1e-06 num-rounds=3'
-    again = federation.app_defaults().to_mapping() | cli.parse_overrides([federation.run_config(cfg)])
+    again = federation.app_defaults().to_mapping() | parse_run_config([federation.run_config(cfg)])
     assert federation.Config.from_mapping(again) == cfg.replace(results_dir="", run_name="")
     assert federation.run_config(federation.app_defaults()) == ""
     with pytest.raises(ValueError, match="data-dir"):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.launch import free_port, marked
+from deploy.processes import free_port, marked
 from fedmeta.results import load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,10 +71,10 @@ class RayCluster:
 
     def query(self, expr: str, timeout: float = 90) -> object:
         """Evaluate `expr` (ray and ray._private.state.state in scope) in a fresh driver; JSON result."""
-        code = ("import json, ray\nray.init(address=%r, logging_level='ERROR', log_to_driver=False)\n"
-                "from ray._private.state import state\nprint('RESULT', json.dumps(%s))\n" % (self.address, expr))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                             env=self.env, cwd=self.root)
+        code = (f"import json, ray\nray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
+                f"from ray._private.state import state\nprint('RESULT', json.dumps({expr}))\n")
+        out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                             timeout=timeout, env=self.env, cwd=self.root)
         lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if out.returncode != 0 or not lines:
             raise RuntimeError(f"ray query failed:\n{out.stdout}\n{out.stderr[-3000:]}")
@@ -138,7 +138,7 @@ def test_fedmeta_run_attaches_to_a_multi_node_ray_cluster(tmp_path):
         out = subprocess.run([str(BIN / "fedmeta"), "run", "--federation-config",
                               "num-supernodes=3 client-resources-num-cpus=1", "-c", RUN, "--name", "ray",
                               "--results-dir", str(tmp_path / "results")],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                             cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         run = load_run(tmp_path / "results" / "ray")
         assert run.status["status"] == "completed" and list(run.rounds["round"]) == [1, 2]

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import parse_overrides  # argparse, tomllib and the config only: no Flower
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, parse_run_config
 from . import Comm, Refused, join, leave, run, shares
 from .rundir import Options, dtype_name
 
@@ -45,7 +44,7 @@ def parse(argv: list[str]) -> tuple[Config, Options, float]:
                    help="seconds a collective waits for a silent rank before failing (default 300)")
     p.add_argument("--log-every", type=int, default=100, help="meta-iterations between progress lines (0: none)")
     args = p.parse_args(argv)
-    cfg = Config.from_mapping(parse_overrides(args.run_config))
+    cfg = Config.from_mapping(parse_run_config(args.run_config))
     if args.iterations < 0 or args.checkpoint_every < 0 or args.log_every < 0:
         raise ConfigError("--iterations, --checkpoint-every and --log-every must be >= 0")
     if not args.timeout > 0:

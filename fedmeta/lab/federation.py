@@ -18,11 +18,11 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmeta import config
 from fedmeta.config import Config
 
 from .args import REPO
@@ -38,29 +38,12 @@ class FederationError(RuntimeError):
 
 def app_defaults(app: Path = APP) -> Config:
     """The config a run gets with no overrides: the app's `[tool.flwr.app.config]`."""
-    with (Path(app) / "pyproject.toml").open("rb") as f:
-        return Config.from_mapping(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    return Config.from_mapping(config.app_defaults(app))
 
 
 def app_config(app: Path = APP, **changes: Any) -> Config:
     """The app's defaults with `changes` (snake_case Config fields): what a run with those overrides uses."""
     return app_defaults(app).replace(**changes)
-
-
-def toml_value(key: str, value: Any) -> str:
-    """One run-config value in TOML (`flwr run --run-config` parses it as TOML)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # 0.001, 1e-06, inf, nan: all TOML floats
-    if isinstance(value, str):
-        if '"' in value or "'" in value or "\\" in value or "\n" in value:
-            raise ValueError(f"run-config key {key!r}: {value!r} holds a quote, backslash or newline, which the "
-                             "`key=value` run-config syntax cannot carry")
-        return f'"{value}"'
-    raise TypeError(f"run-config key {key!r}: cannot write {type(value).__name__} {value!r}")
 
 
 def overrides(cfg: Config, app: Path = APP) -> dict[str, Any]:
@@ -72,7 +55,7 @@ def overrides(cfg: Config, app: Path = APP) -> dict[str, Any]:
 
 def run_config(cfg: Config, app: Path = APP) -> str:
     """The `-c` string of `fedmeta run` that gives `cfg`: `key=value` pairs, values in TOML."""
-    return " ".join(f"{k}={toml_value(k, v)}" for k, v in overrides(cfg, app).items())
+    return config.run_config_string(overrides(cfg, app))
 
 
 def federation_config(num_supernodes: int, cpus_per_client: int = 1) -> str:
@@ -163,4 +146,4 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 __all__ = ["APP", "Federation", "FederationError", "app_config", "app_defaults", "federation_config",
-           "overrides", "run", "run_config", "toml_value"]
+           "overrides", "run", "run_config"]

@@ -36,6 +36,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from references import higher_path, loop_path, quantile, time_paths
 from torch.func import grad_and_value
 
 from fedmeta import seeding
@@ -46,7 +47,6 @@ from fedmeta.config import Config
 from fedmeta.lab import tables
 from fedmeta.lab.args import Args, arg, command, parse
 from fedmeta.tasks.sinusoid import SinusoidTasks
-from references import higher_path, loop_path, quantile, time_paths
 
 TARGETS = {"loop": 25, "higher": 40}  # speed-ups the issue asks of fedmeta-compile
 

@@ -37,6 +37,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from references import higher_path, loop_path, quantile, time_paths
 from torch.func import grad_and_value
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,7 +48,6 @@ from fedmeta.config import Config
 from fedmeta.lab import tables
 from fedmeta.lab.args import REPO, Args, arg, command, parse, settings
 from fedmeta.tasks import Episode
-from references import higher_path, loop_path, quantile, time_paths
 
 TARGET_VS_HIGHER = 3.0  # speed-up the issue asks of the fast path
 

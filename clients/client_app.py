@@ -19,10 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmeta import local, wire
-
-from . import actor_restart
 from fedmeta.config import Config
 from fedmeta.optim import Params, adam_flatten, adam_unflatten
+
+from . import actor_restart
 
 app = ClientApp()
 actor_restart.install()  # simulation only: Ray restarts a client process that died (see actor_restart)

@@ -4,6 +4,9 @@ LSTMs every round (a real Flower simulation via `fedmeta run`). The fused optimi
 problems against Adam with its learning rate tuned on a separate validation set of the same family
 (experiments/lstm_quadratic.py's protocol): on the whole family and on the families of the held-out clients.
 
+The fused LSTM is the run's model.pt, committed: results/lstm_federated/runs/fed-lstm/model.pt
+(`fedmeta.load_meta_model`; `.adapt(W, y, steps)` runs it on one problem).
+
     python experiments/lstm_federated.py            # full (~15 min on 2 cores)
     python experiments/lstm_federated.py --quick    # smoke run: 2 rounds, 2 training clients
 """

@@ -10,8 +10,16 @@ Protocol (three disjoint seeded streams of problems):
 - test: every optimizer starts from the same theta_0 ~ N(0, 0.01^2) per problem and runs `--steps`
   steps; we report the mean loss per step with a 95 % interval.
 
-Outputs in results/lstm_quadratic/: curves.csv, curves.png, summary.json, summary.md, lstm.pt. The
-baselines and the evaluation live in `fedmeta.lab.optimizers`.
+Outputs in results/lstm_quadratic/: curves.csv, curves.png, summary.json, summary.md, and lstm.pt, the chosen
+LSTM snapshot as a meta-model (`fedmeta.load_meta_model`: config + "lstm/..." parameters). The baselines and
+the evaluation live in `fedmeta.lab.optimizers`.
+
+The committed lstm.pt was first written as a bare parameter dict; it was converted in place, parameters
+unchanged, with the config this script builds for its recorded command (no arguments):
+
+    python -c "import torch; from experiments import lstm_quadratic as e; from fedmeta.lab.args import parse; \
+      from fedmeta.results import save_meta_model; p = 'results/lstm_quadratic/lstm.pt'; \
+      save_meta_model(p, torch.load(p, weights_only=True), e.config(parse(e.Settings, [])))"
 
     python experiments/lstm_quadratic.py            # full run (~13 min on one core)
     python experiments/lstm_quadratic.py --quick    # smoke run (seconds)
@@ -31,6 +39,7 @@ from fedmeta.lab import tables
 from fedmeta.lab.args import Args, arg, command, parse, settings
 from fedmeta.lab.optimizers import LR_GRID, baseline, evaluate_optimizer, final_score, lstm_rule, tuned_baselines
 from fedmeta.optim import Params
+from fedmeta.results import save_meta_model
 from fedmeta.tasks import Episode
 from fedmeta.tasks.quadratic import QuadraticTasks
 
@@ -57,13 +66,18 @@ class Settings(Args):
     threads: int = arg(1, "torch intra-op threads")
 
 
+def config(args: Settings) -> Config:
+    """The run's config: the LSTM optimizer on the quadratic family of --scale-min/--scale-max."""
+    return Config(task="quadratic", algorithm="lstm", seed=args.seed, meta_lr=args.meta_lr,
+                  meta_batch_size=args.batch, quadratic_scale_min=args.scale_min, quadratic_scale_max=args.scale_max)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(Settings, argv, __doc__.split("\n")[0])
     torch.set_num_threads(args.threads)
     seeding.seed_everything(args.seed)
     t0 = time.time()
-    cfg = Config(task="quadratic", algorithm="lstm", seed=args.seed, meta_lr=args.meta_lr,
-                 meta_batch_size=args.batch, quadratic_scale_min=args.scale_min, quadratic_scale_max=args.scale_max)
+    cfg = config(args)
     algo = algorithms.build(cfg)
     source = QuadraticTasks(cfg.quadratic_dim, (args.scale_min, args.scale_max))
 
@@ -111,7 +125,7 @@ def write(args: Settings, cfg: Config, meta: Params, curves: dict, tuned: dict, 
           best_iter: int, val_score: float, train_seconds: float, wall: float) -> dict:
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.clone() for k, v in meta.items()}, out / "lstm.pt")
+    save_meta_model(out / "lstm.pt", meta, cfg)  # the chosen snapshot, loadable by fedmeta.load_meta_model
     rows, final, paired = [], {}, {}
     for name, losses in curves.items():  # losses: (steps + 1, problems)
         mean, half = tables.curve_interval(losses)

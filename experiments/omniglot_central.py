@@ -17,14 +17,17 @@ curve evaluations) passes the budget; the final evaluation follows. A budget run
 depends on the machine: its summary records the command with `--iterations N` for the same numbers.
 
     python experiments/omniglot_central.py --quick                                  # smoke run (seconds)
-    python experiments/omniglot_central.py --threads 2 --budget-minutes 60          # 5-way, CPU budget
+    python experiments/omniglot_central.py --threads 1 --iterations 10000           # 5-way, the shipped model
+    python experiments/omniglot_central.py --ways 20 --threads 1 --iterations 1500  # 20-way, the shipped model
+    python experiments/omniglot_central.py --threads 2 --budget-minutes 60          # 5-way, a wall-clock budget
     python experiments/omniglot_central.py --algorithm fomaml --threads 2 --budget-minutes 15
-    python experiments/omniglot_central.py --ways 20 --threads 2 --budget-minutes 20
-    python experiments/omniglot_central.py --iterations 60000 --device cuda --compile   # the paper's run
+    python experiments/omniglot_central.py --iterations 60000 --device cuda            # the paper's 5-way run
+    python experiments/omniglot_central.py --ways 20 --iterations 60000 --device cuda  # the paper's 20-way run
 
 Each invocation adds its run (tag `<algorithm>-<ways>way<shots>shot`) to results/omniglot_central/:
-curve_<tag>.csv, eval_<tag>.csv, <tag>.pt (git-ignored), and rewrites summary.json (all runs),
-summary.md and curves.png. Training and evaluation run on `--device` (meta-parameters and episodes).
+curve_<tag>.csv, eval_<tag>.csv, <tag>.pt (the final meta-model, `fedmeta.load_meta_model`; the 5- and
+20-way MAML ones are committed), and rewrites summary.json (all runs), summary.md and curves.png.
+Training and evaluation run on `--device` (meta-parameters and episodes).
 """
 
 from __future__ import annotations

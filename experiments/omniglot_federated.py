@@ -25,6 +25,15 @@ round (the strategy's sampling rule). Variants, all real Flower simulations with
 4. alone:         no federation: `--alone` training clients (seeded choice) each run central MAML on
                   their own alphabet only, `--rounds x --local` meta-iterations (as if sampled every
                   round), evaluated on the held-out clients' episodes on the same schedule; mean of them.
+5. central:       no federation: central MAML on the union of the training clients' data (all 30
+                  background alphabets with rotations, tasks drawn across alphabets), as many
+                  meta-iterations of `--batch` tasks as the FedMeta federation runs in total (rounds x
+                  sampled clients x local iterations: matched compute), Adam at meta-lr 1e-3, from the
+                  same initialisation; evaluated like the federated variants (the held-out clients'
+                  episodes, 3 steps alpha 0.4), every `--eval-every` rounds' worth of iterations.
+6. fedmeta-*:     FedMeta (variant 1's local MAML and budget) with the composed fusion of the strategy
+                  (`FUSED`: client meta-lr, server optimizer / rate / momentum, cosine schedules of the
+                  client and server rates over the rounds).
 
 Round 0 of every curve is the variant's random initialisation fine-tuned the same way. For the final
 models of fedavg and fedavg-global the fine-tuning (step size, steps) is also tuned on episodes of
@@ -33,13 +42,18 @@ which fedmeta / dist-maml / alone reach a baseline's final held-out accuracy, ag
 baseline needed.
 
     python experiments/omniglot_federated.py --quick            # smoke run: 2 training clients, 2 rounds
-    python experiments/omniglot_federated.py                    # the reference run
+    python experiments/omniglot_federated.py                    # the reference run (every variant)
+    python experiments/omniglot_federated.py --only central     # one variant; the others' results are kept
+
+Every variant's final meta-model is written to models/<variant>.pt (`fedmeta.load_meta_model`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +67,29 @@ from fedmeta.lab import central, federation, tables
 from fedmeta.lab.args import REPO, Args, arg, command, parse, settings
 from fedmeta.lab.protocol import tune_finetuning
 from fedmeta.optim import Params
-from fedmeta.results import versions
+from fedmeta.results import save_meta_model, versions
 
 DATA = REPO.parent / "shared" / "data" / "omniglot"
 FLOWER = ("fedmeta", "dist-maml", "fedavg", "fedavg-global")
-VARIANTS = (*FLOWER, "alone")
+# FedMeta with the composed fusion (strategies/fusion.py): the same local MAML and total budget as "fedmeta"
+# (rounds x sampled clients x local iterations), other client and server rates or another split of the budget
+# (`rounds_x` multiplies the rounds, `local_x` the local iterations, `fraction_x` the fraction sampled).
+# Server SGD at lr 1 is plain averaging; "cosine" anneals a rate from its base at round 1 to 0 at the last
+# round (server_optimizers.py).
+COSINE = {"client_lr_schedule": "cosine", "server_lr_schedule": "cosine"}
+FUSED = {
+    "fedmeta-lr10": {"meta_lr": 1e-2},  # 10x the clients' Adam rate
+    "fedmeta-lr10-cos": {"meta_lr": 1e-2, **COSINE},  # ... annealed, with the server's averaging rate
+    "fedmeta-lr3-cos": {"meta_lr": 3e-3, **COSINE},
+    # FedAvgM (Hsu et al. 2019): server SGD with momentum 0.9 on the pseudo-gradient, 10x the steady-state step
+    "fedmeta-avgm-cos": {"server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": 0.9, **COSINE},
+    "fedmeta-slr2": {"server_optimizer": "sgd", "server_lr": 2.0},  # twice the averaged step (extrapolation)
+    "fedmeta-r2-l05": {"rounds_x": 2, "local_x": 0.5},  # 120 rounds of 5 local iterations: less client drift
+    "fedmeta-r2-c05": {"rounds_x": 2, "fraction_x": 0.5},  # 120 rounds of 3 clients: twice the sequential depth
+}
+SPLIT = ("rounds_x", "local_x", "fraction_x")  # FUSED keys that re-split the budget (not Config fields)
+FEDMETA_FAMILY = ("fedmeta", *FUSED)  # the "average"-fusion MAML federations the goal compares with central
+VARIANTS = (*FLOWER, *FUSED, "central", "alone")
 BASELINES = ("fedavg", "fedavg-global")  # FedAvg models: their fine-tuning is tuned too
 TUNE_LR = (0.01, 0.04, 0.1, 0.4, 1.0)  # fine-tuning step sizes tried for the FedAvg models
 TUNE_STEPS = (1, 3, 5, 10)
@@ -107,12 +139,43 @@ def in_process(cfg: Config, args: Settings) -> Config:
 
 
 def variant_config(base: Config, name: str, args: Settings) -> Config:
+    """A Flower variant's config (FLOWER or FUSED); "central" and "alone" train with "fedmeta"'s."""
+    if name in FUSED:
+        fused = {k: v for k, v in FUSED[name].items() if k not in SPLIT}
+        rounds = round(args.rounds * FUSED[name].get("rounds_x", 1))
+        return base.replace(algorithm="maml", fusion="average", num_rounds=rounds, checkpoint_every=rounds,
+                            local_iterations=max(1, round(args.local * FUSED[name].get("local_x", 1))),
+                            fraction_train=args.fraction * FUSED[name].get("fraction_x", 1), **fused)
     changes = {"fedmeta": dict(algorithm="maml", fusion="average"),
                "dist-maml": dict(algorithm="maml", fusion="meta-gradient", local_iterations=args.grad_local,
                                  server_lr=args.server_lr),
                "fedavg": dict(algorithm="pretrain", fusion="average"),
                "fedavg-global": dict(algorithm="pretrain-global", fusion="average")}[name]
     return base.replace(**changes)
+
+
+def sampled_per_round(args: Settings) -> int:
+    """Training clients per round: the strategy's rule (strategies/sampling.py), max(min-train-nodes,
+    ceil(fraction x training clients)), at most all of them."""
+    return min(args.train_clients, max(2, math.ceil(args.fraction * args.train_clients)))
+
+
+def matched_iterations(args: Settings) -> int:
+    """The FedMeta federation's client meta-iterations of `--batch` tasks in total: rounds x sampled clients
+    x local iterations (3600 = 60 x 6 x 10 by default), the central run's budget."""
+    return args.rounds * sampled_per_round(args) * args.local
+
+
+def budget(name: str, cfg: Config, rounds_csv: Path | None, args: Settings) -> dict:
+    """What a variant computed: client (or central) meta-iterations and tasks per iteration; for Flower
+    runs counted from the replies the strategy accepted (rounds.csv: num_replies)."""
+    if rounds_csv is not None:
+        replies = int(sum(r["num_replies"] for r in tables.read_csv(rounds_csv)))
+        return {"client_replies": replies, "meta_iterations": replies * cfg.local_iterations,
+                "tasks_per_iteration": cfg.meta_batch_size}
+    if name == "central":
+        return {"meta_iterations": matched_iterations(args), "tasks_per_iteration": cfg.meta_batch_size}
+    return {"meta_iterations_per_client": args.rounds * args.local, "tasks_per_iteration": cfg.meta_batch_size}
 
 
 def heldout_accuracy(cfg: Config, params: Params, num_partitions: int) -> dict:
@@ -134,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     out, t_all, n = args.out_dir, time.perf_counter(), args.train_clients + args.heldout
     base = base_config(args)
     want = set(VARIANTS if args.only is None else args.only)
-    summary = {"command": command(args), "settings": settings(args),
+    summary = {"command": command(args, only=None), "settings": settings(args),
                "clients": {"train": args.train_clients, "heldout": args.heldout, "num_supernodes": n},
                "seed": args.seed, "machine": tables.machine(), "versions": versions(), "variants": {},
                "load_average_start": os.getloadavg()}
@@ -152,21 +215,31 @@ def main(argv: list[str] | None = None) -> dict:
         return round0[cfg.algorithm]
 
     summary["round0"] = initial(variant_config(base, "fedmeta", args))  # the common conv4 initialisation
-    for name in FLOWER:
+    for name in (*FLOWER, *FUSED):
         if name not in want:
             continue
         cfg = variant_config(base, name, args)
         start = initial(cfg)
         fed = federation.run(cfg, name=name, results_dir=out / "runs", num_supernodes=n, replace=True)
-        summary["variants"][name] = {"kind": "flower", **fed.record(), "round0": start}
         fed.load().rounds.to_csv(out / f"rounds_{name}.csv", index=False)  # runs/ is not committed
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fed.run_dir / "model.pt", out / "models" / f"{name}.pt")
+        summary["variants"][name] = {"kind": "flower", "command": command(args, only=(name,)), **fed.record(),
+                                     "round0": start,
+                                     "overrides_vs_fedmeta": FUSED.get(name, {}),
+                                     "budget": budget(name, cfg, out / f"rounds_{name}.csv", args)}
         if name in BASELINES:
             summary["variants"][name]["tuned"] = tuned(in_process(cfg, args), fed.model().params, val, n)
+    if "central" in want:
+        summary["variants"]["central"] = {"command": command(args, only=("central",)), **central_matched(
+            args, in_process(variant_config(base, "fedmeta", args), args), n, out)}
     if "alone" in want:
-        summary["variants"]["alone"] = alone(args, in_process(variant_config(base, "fedmeta", args), args), n, out)
+        summary["variants"]["alone"] = {"command": command(args, only=("alone",)), **alone(
+            args, in_process(variant_config(base, "fedmeta", args), args), n, out)}
     curves = read_curves(out, summary["variants"], summary["round0"])
     summary["final"] = {name: c[-1]["eval_accuracy_post"] for name, c in curves.items()}
     summary["rounds_to_target"] = rounds_to_target(curves, summary["variants"], summary["round0"]["eval_accuracy_post"])
+    summary["goal"] = goal(summary["final"])
     summary["total_wall_seconds"] = time.perf_counter() - t_all
     summary["load_average_end"] = os.getloadavg()
     all_rows = [{"variant": name, **r} for name, c in curves.items() for r in c]
@@ -190,6 +263,36 @@ def tuned(cfg: Config, params: Params, val, n: int) -> dict:
     return {**best, **{f"heldout_{k}": v for k, v in heldout_accuracy(tuned_cfg, params, n).items()}}
 
 
+def central_matched(args: Settings, cfg: Config, n: int, out: Path) -> dict:
+    """Central MAML on the union of the training clients' data for `matched_iterations` meta-iterations,
+    its held-out accuracy every `--eval-every` rounds' worth of iterations (curve_central.csv, by round)."""
+    per_round = sampled_per_round(args) * args.local  # meta-iterations one federated round runs in total
+    union = partition.full_source(cfg.replace(omniglot_split="alphabet"))  # the 30 background alphabets
+    t0 = time.perf_counter()
+    trained = central.train(cfg, union, iterations=matched_iterations(args), eval_every=per_round * args.eval_every,
+                            validate=lambda p: heldout_accuracy(cfg, p, n), log=True)
+    rows = [{"round": r["iteration"] // per_round, "iteration": r["iteration"], "train_loss": r["train_loss"],
+             "eval_accuracy_pre": r["eval_accuracy_pre"], "eval_accuracy_post": r["eval_accuracy_post"]}
+            for r in trained.curve]
+    tables.write_csv(out / "curve_central.csv", rows)
+    save_meta_model(out / "models" / "central.pt", trained.params, cfg)
+    return {"kind": "central MAML on the union of the training clients' alphabets (no Flower)",
+            "source": union.what, "classes": union.num_classes, "wall_seconds": time.perf_counter() - t0,
+            "timing": trained.timing, "budget": budget("central", cfg, None, args),
+            "iterations_per_round": per_round}
+
+
+def goal(final: dict[str, float]) -> dict | None:
+    """The issue's goal: the best FedMeta-family federation within 2 points of central at matched compute."""
+    fed = {k: v for k, v in final.items() if k in FEDMETA_FAMILY}
+    if "central" not in final or not fed:
+        return None
+    best = max(fed, key=fed.get)
+    gap = 100 * (final["central"] - fed[best])
+    return {"central": final["central"], "best_federated": best, "federated": fed[best], "gap_points": gap,
+            "met": gap <= 2.0}
+
+
 def alone(args: Settings, cfg: Config, n: int, out: Path) -> dict:
     """Central MAML on each of `args.alone` seeded training clients' own alphabet; their mean curve."""
     rng = random.Random(seeding.derive(args.seed, "alone-clients"))
@@ -211,6 +314,7 @@ def alone(args: Settings, cfg: Config, n: int, out: Path) -> dict:
                      **{f"post_client{p}": per_client[p]["curve"][i]["eval_accuracy_post"] for p in chosen}})
     tables.write_csv(out / "curve_alone.csv", rows)
     return {"kind": "central MAML on one client's alphabet (no Flower)", "wall_seconds": time.perf_counter() - t0,
+            "budget": budget("alone", cfg, None, args),
             "clients": {str(p): {"what": v["what"], "classes": v["classes"],
                                  "final_post": v["curve"][-1]["eval_accuracy_post"]} for p, v in per_client.items()}}
 
@@ -220,16 +324,17 @@ def read_curves(out: Path, variants: dict, round0: dict) -> dict[str, list[dict]
     earlier one's): round 0 (its initialisation; `round0` where an earlier summary did not record it) then
     the Flower run's evaluated rounds, or the alone curve."""
     curves = {}
-    for name in FLOWER:
+    for name in (*FLOWER, *FUSED):
         path = out / f"rounds_{name}.csv"
         if path.exists() and name in variants:
             rounds = [r for r in tables.read_csv(path) if r["eval_accuracy_post"] == r["eval_accuracy_post"]]
             curves[name] = [variants[name].get("round0", round0)] + [
                 {"round": int(r["round"]), **{k: r[k] for k in ("train_loss", "eval_accuracy_pre",
                                                                 "eval_accuracy_post")}} for r in rounds]
-    if (out / "curve_alone.csv").exists():
-        curves["alone"] = [{k: (int(v) if k == "round" else v) for k, v in r.items() if v == v}
-                           for r in tables.read_csv(out / "curve_alone.csv")]
+    for name in ("central", "alone"):
+        if (out / f"curve_{name}.csv").exists() and name in variants:
+            curves[name] = [{k: (int(v) if k in ("round", "iteration") else v) for k, v in r.items() if v == v}
+                            for r in tables.read_csv(out / f"curve_{name}.csv")]
     return curves
 
 
@@ -253,7 +358,7 @@ def rounds_to_target(curves: dict[str, list[dict]], variants: dict, round0: floa
             targets[f"final, tuned fine-tuning ({t['steps']} steps, lr {t['inner_lr']})"] = (
                 t["heldout_eval_accuracy_post"], None)
         for label, (target, base_rounds) in targets.items():
-            for name in ("fedmeta", "dist-maml", "alone"):
+            for name in (*FEDMETA_FAMILY, "dist-maml", "central", "alone"):
                 if name not in curves:
                     continue
                 r = first_round(curves[name], target)
@@ -265,6 +370,23 @@ def rounds_to_target(curves: dict[str, list[dict]], variants: dict, round0: floa
     return out
 
 
+def describe(name: str) -> str:
+    """A variant in a few words (its fusion overrides for the FedMeta family)."""
+    if name in FUSED:
+        return "FedMeta, " + ", ".join(f"{k.replace('_', '-')} {x}" for k, x in FUSED[name].items())
+    return {"fedmeta": "FedMeta (MAML, averaged)", "dist-maml": "meta-gradient fusion, server Adam",
+            "fedavg": "FedAvg, episode labels", "fedavg-global": "FedAvg, global classes (pretrain-global)",
+            "central": "central MAML, union of the clients' data", "alone": "each client alone (mean)"}.get(name, "")
+
+
+def budget_text(b: dict | None) -> str:
+    if not b:
+        return ""
+    if "meta_iterations" in b:
+        return f"{b['meta_iterations']} x {b['tasks_per_iteration']}"
+    return f"{b['meta_iterations_per_client']} x {b['tasks_per_iteration']} per client"
+
+
 def summary_md(summary: dict, args: Settings) -> list[str]:
     c = summary["clients"]
     lines = ["# Federated few-shot Omniglot by alphabet", "",
@@ -273,14 +395,21 @@ def summary_md(summary: dict, args: Settings) -> list[str]:
              f"{args.fraction} per round, {args.rounds} rounds, {args.local} local iterations of {args.batch} tasks; "
              f"held-out 5-way 1-shot accuracy after 3 steps (alpha 0.4) on {args.eval_tasks} fixed episodes per "
              "held-out client.", ""]
-    body = [["random init (round 0)", f"{100 * summary['round0']['eval_accuracy_post']:.1f} %", "", ""]]
+    body = [["random init (round 0)", "", f"{100 * summary['round0']['eval_accuracy_post']:.1f} %", "", "", ""]]
     for name, acc in summary["final"].items():
         v = summary["variants"].get(name, {})
         t = v.get("tuned")
         tt = f"{100 * t['heldout_eval_accuracy_post']:.1f} % ({t['steps']} steps, lr {t['inner_lr']})" if t else ""
-        body.append([name, f"{100 * acc:.1f} %", tt, f"{v.get('wall_seconds', 0) / 60:.1f} min"])
-    lines += tables.markdown_table(["variant", "final held-out accuracy", "tuned fine-tuning (held-out)",
-                                    "wall time"], body)
+        body.append([name, describe(name), f"{100 * acc:.1f} %", tt, budget_text(v.get("budget")),
+                     f"{v.get('wall_seconds', 0) / 60:.1f} min"])
+    lines += tables.markdown_table(["variant", "what", "final held-out accuracy", "tuned fine-tuning (held-out)",
+                                    "meta-iterations x tasks", "wall time"], body)
+    g = summary.get("goal")
+    if g:
+        lines += ["", (f"Goal (FedMeta within 2 points of central MAML at matched meta-iterations): best FedMeta "
+                       f"variant {g['best_federated']} {100 * g['federated']:.1f} % vs central "
+                       f"{100 * g['central']:.1f} %: {g['gap_points']:.1f} points behind, "
+                       f"**{'met' if g['met'] else 'not met'}**.")]
     if summary["rounds_to_target"]:
         lines += ["", f"Rounds to reach a baseline's final accuracy (first evaluated round; every {args.eval_every} "
                   "rounds):", ""]
@@ -292,6 +421,8 @@ def summary_md(summary: dict, args: Settings) -> list[str]:
               f"{r['ratio']:.2f}x" if r["ratio"] else "-"] for r in summary["rounds_to_target"]])
         if any(r["target_below_random_init"] for r in summary["rounds_to_target"]):
             lines += ["", "`*`: the target is at or below the random initialisation's accuracy (no real target)."]
+    lines += ["", "Each variant alone (same numbers; `models/<variant>.pt` is its final meta-model):", ""]
+    lines += [f"- {name}: `{v['command']}`" for name, v in summary["variants"].items() if "command" in v]
     if "alone" in summary["variants"]:
         lines += ["", "Clients alone: " + "; ".join(f"partition {p} ({v['what']}, {v['classes']} classes): "
                                                     f"{100 * v['final_post']:.1f} %"

@@ -9,7 +9,7 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 _LAZY = {"Config": "config", "ConfigError": "config", "MetaModel": "results", "load_meta_model": "results",
-         "load_run": "results", "load_runs": "results", "plot_run": "results"}
+         "load_run": "results", "load_runs": "results", "plot_run": "results", "adapt": "use", "Learner": "use"}
 __all__ = list(_LAZY)
 
 

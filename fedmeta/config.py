@@ -234,7 +234,7 @@ class Config:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "Config":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Config:
         """Build from a run config (kebab- or snake-case keys); unknown keys and bad types raise."""
         by_field = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -246,7 +246,7 @@ class Config:
             kwargs[name] = _coerce(key, value, by_field[name].default)
         return cls(**kwargs)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_mapping(self) -> dict[str, Any]:

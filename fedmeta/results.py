@@ -190,6 +190,13 @@ class MetaModel:
 
         return algorithms.build(self.config, self.module)
 
+    def adapt(self, x, y, steps: int | None = None, **kwargs):
+        """Adapt to one task's support set (x, y) with the model's own inner rule; a `fedmeta.use.Learner`
+        whose `predict(xq)` gives labels or values (`fedmeta.use.adapt`)."""
+        from .use import adapt
+
+        return adapt(self, x, y, steps, **kwargs)
+
 
 def load_meta_model(path: str | Path) -> MetaModel:
     """Load a `model.pt` (or a checkpoint): the config, the meta-parameters and the nn.Module."""

@@ -17,6 +17,7 @@ public Grid and Message API; unlike `flwr.serverapp.strategy.Strategy.start` it 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -33,6 +35,7 @@ from fedmeta.config import Config
 from fedmeta.optim import Params
 from fedmeta.results import RunWriter
 
+from .client_states import ClientStates
 from .fusion import Fusion, FusionError, Rejected, check_preconditions, check_size, client_lr_factor, validate
 from .roster import NodeInfo, Roster, Target
 from .sampling import sample_clients
@@ -65,18 +68,12 @@ class Delivery:
     ignored: list[tuple[Target, str]]  # second replies to a message, replies to messages never sent
 
 
-class ClientStates:
-    """Each partition's kept local optimizer state (keep-optimizer-state), held by the server: sent with
-    the partition's TRAIN message, replaced by its reply, stored in checkpoints (exact resume)."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, dict[str, Any]] = {}  # partition -> {"step": int, "tensors": flat Params}
-
-    def state_dict(self) -> dict[int, dict[str, Any]]:
-        return dict(self.states)
-
-    def load_state_dict(self, states: dict[int, dict[str, Any]]) -> None:
-        self.states = {int(p): s for p, s in states.items()}
+def packed_adam_template(params: Params) -> Params:
+    """What a reply's kept Adam state must look like: one 1-D array (`clients.client_app.pack_adam`: exp_avg
+    and exp_avg_sq of every parameter, concatenated) of twice the model's size, in the parameters' promoted
+    dtype. The server stores and forwards it without unpacking. (An expanded view: nothing is allocated.)"""
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in params.values()))
+    return {wire.OPTIMIZER: torch.zeros(1, dtype=dtype).expand(2 * sum(v.numel() for v in params.values()))}
 
 
 class FedMeta:
@@ -107,7 +104,7 @@ class FedMeta:
             target = self.roster.target(p)
             extra = {wire.LR_FACTOR: factor}
             content = {wire.ARRAYS: arrays}
-            kept = self.clients.states.get(p) if self.cfg.keep_optimizer_state else None
+            kept = self.clients.get(p) if self.cfg.keep_optimizer_state else None
             if kept is not None:
                 content[wire.OPTIMIZER] = ArrayRecord(kept["tensors"])
                 extra[wire.OPTIMIZER_STEP] = kept["step"]
@@ -145,7 +142,7 @@ class FedMeta:
         except FusionError as err:  # too few replies for the aggregator, or a non-finite step: nothing applied
             log(WARNING, "round %d: not fused (%s); the global model is unchanged", state.server_round, err)
             return params, state
-        self.clients.states.update(new_states)  # only a fused round's optimizer states are kept
+        self.clients.update(new_states)  # only a fused round's optimizer states are kept
         total = math.fsum(w for _, w, _ in valid)
         return out.params, state.with_row(fused=1, train_loss=math.fsum(w * loss for _, w, loss in valid) / total,
                                           **out.info)
@@ -165,11 +162,11 @@ class FedMeta:
         kept = None
         if self.cfg.keep_optimizer_state and self.cfg.fusion == "average" and wire.OPTIMIZER in content.array_records:
             moments = content.array_records[wire.OPTIMIZER]
-            template = {f"{part}/{k}": v for part in ("exp_avg", "exp_avg_sq") for k, v in params.items()}
+            template = packed_adam_template(params)
             check_size(moments, template)
-            flat = moments.to_torch_state_dict()
-            validate(flat, 1, template, 1)  # same keys, shapes, dtypes, finite
-            kept = {"step": int(metrics.get(wire.OPTIMIZER_STEP, 0)), "tensors": dict(flat)}
+            packed = moments.to_torch_state_dict()
+            validate(packed, 1, template, 1)  # one array, of the model's size x 2 and dtype, finite
+            kept = {"step": int(metrics.get(wire.OPTIMIZER_STEP, 0)), "tensors": dict(packed)}
         return tensors, metrics[wire.WEIGHT], metrics, kept
 
     # --- evaluation on held-out partitions -----------------------------------------------------

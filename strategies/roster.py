@@ -59,10 +59,17 @@ class Roster:
 
     def training(self) -> list[int]:
         """Training partitions that a connected node serves now."""
+        if self.cfg.assign_partitions:  # all of them: a range (10 000 is_heldout calls took 4 ms, several per round)
+            return list(range(self._first_heldout())) if self._nodes else []
         return sorted(p for p in self._served() if not self.is_heldout(p))
 
     def heldout(self) -> list[int]:
+        if self.cfg.assign_partitions:
+            return list(range(self._first_heldout(), self.num_partitions)) if self._nodes else []
         return sorted(p for p in self._served() if self.is_heldout(p))
+
+    def _first_heldout(self) -> int:
+        return max(0, self.num_partitions - self.cfg.heldout_partitions)
 
     def target(self, partition: int) -> Target:
         if self.cfg.assign_partitions:

@@ -8,7 +8,7 @@ from torch.func import functional_call
 from fedmeta import algorithms, seeding
 from fedmeta.algorithms import NonFiniteLossError
 from fedmeta.config import Config
-from fedmeta.models import MLP, params_of
+from fedmeta.models import MLP
 from fedmeta.optim import adam_flatten, adam_init, adam_step, adam_unflatten
 from fedmeta.tasks import Episode
 from fedmeta.tasks.sinusoid import SinusoidTasks
@@ -133,8 +133,10 @@ def test_metasgd_learning_rates_get_their_true_gradient():
     grads, _ = algo.meta_gradient(params, ep)
     eps = 1e-6
     plus, minus = dict(params), dict(params)
-    plus[key] = params[key].clone(); plus[key][2, 0] += eps
-    minus[key] = params[key].clone(); minus[key][2, 0] -= eps
+    plus[key] = params[key].clone()
+    plus[key][2, 0] += eps
+    minus[key] = params[key].clone()
+    minus[key][2, 0] -= eps
     fd = (algo.meta_loss(plus, ep) - algo.meta_loss(minus, ep)) / (2 * eps)
     assert float(grads[key][2, 0]) == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
 

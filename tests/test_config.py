@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -44,7 +45,7 @@ def test_incompatible_combinations_are_rejected():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Config().seed = 3  # type: ignore[misc]
 
 

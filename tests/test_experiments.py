@@ -237,7 +237,12 @@ def test_every_recorded_command_parses(where, script, argv, monkeypatch):
     parse(settings, argv)  # argparse exits on anything it does not accept
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+# the whole quick run of these takes minutes (omniglot_federated: 10 variants, 8 of them Flower runs); the default
+# suite runs a subset of their variants below, `pytest -m slow` the whole recorded command
+SLOW_QUICK = {"experiments/omniglot_federated.py"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_QUICK else s for s in SCRIPTS])
 def test_recorded_command_runs_quick(script, tmp_path, monkeypatch):
     """The script's first recorded command with --quick runs to the end, and the command its summary records
     re-parses to the settings that ran."""
@@ -251,3 +256,19 @@ def test_recorded_command_runs_quick(script, tmp_path, monkeypatch):
                 if m.startswith(f"python {script}")]
     assert commands, f"{script}: its summary.json records no command"
     assert dataclasses.replace(parse(settings, shlex.split(commands[0])[2:]), quick=True) == ran
+
+
+def test_omniglot_federated_quick_subset(tmp_path):
+    """The Omniglot federation's quick preset for a subset of its variants: a plain FedMeta and a tuned (cosine)
+    one through Flower, central MAML at matched iterations and a client alone in-process; each with its summary
+    row and its own re-run command."""
+    script = "experiments/omniglot_federated.py"
+    want = ["fedmeta", "fedmeta-lr10-cos", "central", "alone"]
+    proc = subprocess.run([sys.executable, script, "--quick", "--only", *want, "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    variants = json.loads((tmp_path / "out" / "summary.json").read_text())["variants"]
+    assert set(want) <= set(variants)
+    for name in want:
+        argv = shlex.split(variants[name]["command"])
+        assert argv[argv.index("--only") + 1:argv.index("--only") + 2] == [name], argv  # `... --only <name> ...`

@@ -110,3 +110,21 @@ def test_query_metrics_match_a_plain_loop():
         out = algo.forward(p, ep.query_x[t])
         torch.testing.assert_close(loss[t], algo.loss(out, ep.query_y[t]).detach())
         assert acc[t] == (out.argmax(-1) == ep.query_y[t]).float().mean()
+
+
+def test_central_budget_matches_the_federation_and_fused_variants_change_only_rates():
+    args = parse(omniglot_federated.Settings, [])
+    # 60 rounds x ceil(0.2 x 30) = 6 sampled clients x 10 local meta-iterations (of 8 tasks each)
+    assert omniglot_federated.sampled_per_round(args) == 6 and omniglot_federated.matched_iterations(args) == 3600
+    base = omniglot_federated.base_config(args)
+    plain = omniglot_federated.variant_config(base, "fedmeta", args).to_mapping()
+    split = {"num-rounds", "checkpoint-every", "local-iterations", "fraction-train"}
+    for name in omniglot_federated.FUSED:
+        cfg = omniglot_federated.variant_config(base, name, args)
+        changed = {k for k, x in cfg.to_mapping().items() if plain[k] != x}
+        assert changed and changed <= {"meta-lr", "client-lr-schedule", "server-lr-schedule", "server-optimizer",
+                                       "server-lr", "server-momentum", *split}, (name, changed)
+        # every variant spends the same client meta-iterations: rounds x sampled clients x local iterations
+        sampled = math.ceil(cfg.fraction_train * args.train_clients)
+        assert cfg.num_rounds * sampled * cfg.local_iterations == 3600, name
+        assert cfg.checkpoint_every == cfg.num_rounds

@@ -113,7 +113,7 @@ def test_evaluation_fine_tunes_a_zero_head(small):  # noqa: F811
 
 
 def test_needs_a_classification_task():
-    with pytest.raises(ConfigError, match="pretrain-global' needs a classification task; task = 'sinusoid'"):
+    with pytest.raises(ConfigError, match="task = 'sinusoid' is not a classification task"):
         algorithms.build(Config(algorithm="pretrain-global"))
     with pytest.raises(ConfigError, match="pretrain-global' needs a classification task"):
         PretrainGlobal(Config(task="quadratic", algorithm="lstm"))

@@ -11,6 +11,8 @@ diverge).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import seeding
@@ -27,17 +29,23 @@ def bin_of(cfg: Config, partition_id: int, num_partitions: int) -> int:
     """The bin of the family's range that this partition owns (a seeded permutation; held-out
     partitions get interior bins)."""
     check(partition_id, num_partitions)
-    heldout = min(cfg.heldout_partitions, num_partitions)
-    perm = torch.randperm(num_partitions, generator=seeding.generator(cfg.seed, "partition", num_partitions))
+    return assignment(cfg.seed, min(cfg.heldout_partitions, num_partitions), num_partitions)[partition_id]
+
+
+@functools.lru_cache(maxsize=8)
+def assignment(seed: int, heldout: int, num_partitions: int) -> tuple[int, ...]:
+    """Every partition's bin, training partitions first. Memoised: a Ray worker that builds clients for
+    many partitions of 10 000 draws the permutation once, not once per partition (3.4 ms each)."""
+    perm = torch.randperm(num_partitions, generator=seeding.generator(seed, "partition", num_partitions))
     if num_partitions - heldout >= 2:  # enough training partitions to own both edges
         edges = [b for b in perm.tolist() if b in (0, num_partitions - 1)]
         interior = [b for b in perm.tolist() if b not in edges]
         bins = interior[:heldout]  # the held-out partitions' bins
         rest = edges + interior[heldout:]
         rest = [rest[i] for i in torch.randperm(len(rest), generator=seeding.generator(
-            cfg.seed, "partition", num_partitions, "training-bins")).tolist()]
+            seed, "partition", num_partitions, "training-bins")).tolist()]
         perm = torch.tensor(rest + bins)  # training partitions first, held-out last
-    return int(perm[partition_id])
+    return tuple(perm.tolist())
 
 
 def owned(cfg: Config, bounds: tuple[float, float], partition_id: int, num_partitions: int) -> tuple[float, float]:

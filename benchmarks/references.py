@@ -3,7 +3,9 @@
 - `loop_path`: the textbook second-order MAML meta-gradient, a Python loop over tasks with autograd
   (create_graph=True keeps the Hessian terms);
 - `higher_path`: `higher` 0.2.1's MAML recipe (innerloop_ctx per task, the query loss backpropagated
-  per task); `pip install ".[bench]"`.
+  per task); `pip install ".[bench]"`;
+- `stock_client` / `stock_server`: a stock Flower app (FedAvg from `flwr.serverapp.strategy` and a ClientApp
+  that echoes its weights), the reference of the simulation-cost benchmark.
 Both take the task loss (`F.mse_loss` for regression, `F.cross_entropy` for classification).
 Machine info, CSV and JSON writing are `fedmeta.lab.tables`'s, as in every script.
 """
@@ -16,6 +18,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 from torch.func import functional_call
 
 from fedmeta.algorithms.maml import MAML
@@ -85,3 +91,36 @@ def time_paths(paths: dict, meta_params, episode: Episode, reps: int, warmup: in
 
 def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+# --- the stock Flower app --------------------------------------------------------------------------------------
+stock_client = ClientApp()
+
+
+@stock_client.train()
+def echo(msg: Message, context: Context) -> Message:
+    metrics = MetricRecord({"num-examples": 1, "train-loss": 0.0})
+    return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
+
+
+@stock_client.evaluate()
+def echo_evaluate(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "eval-loss": 0.0})}), reply_to=msg)
+
+
+def stock_server(params: dict, n: int, sampled: int, evaluated: int, rounds: int, ends: Callable[[], None]
+                 ) -> ServerApp:
+    """FedAvg over n nodes: `sampled` train and `evaluated` evaluate every round; `ends()` is called before
+    round 1 and after every round's evaluation (the benchmark's round clock)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        def stamp(server_round, arrays):  # called before round 1 and after every round's evaluation
+            ends()
+
+        FedAvg(fraction_train=sampled / n, fraction_evaluate=evaluated / n, min_train_nodes=sampled,
+               min_evaluate_nodes=evaluated, min_available_nodes=n).start(
+            grid, ArrayRecord(params), num_rounds=rounds, evaluate_fn=stamp)
+
+    return app

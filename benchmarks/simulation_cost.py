@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import ClassVar, Self
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
+from references import stock_client, stock_server
 
 from clients.client_app import app as fedmeta_client
 from fedmeta import algorithms, seeding
@@ -212,36 +211,6 @@ class MemoryPeak:
                     self.peak_pss = max(self.peak_pss, sum(_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in rss))
 
 
-# --- the stock Flower app --------------------------------------------------------------------------------------
-stock_client = ClientApp()
-
-
-@stock_client.train()
-def echo(msg: Message, context: Context) -> Message:
-    metrics = MetricRecord({"num-examples": 1, "train-loss": 0.0})
-    return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
-
-
-@stock_client.evaluate()
-def echo_evaluate(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "eval-loss": 0.0})}), reply_to=msg)
-
-
-def stock_server(params: dict, n: int, sampled: int, rounds: int, ends: Stamps) -> ServerApp:
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        def stamp(server_round, arrays):  # called before round 1 and after every round's evaluation
-            ends()
-
-        FedAvg(fraction_train=sampled / n, fraction_evaluate=HELDOUT / n, min_train_nodes=sampled,
-               min_evaluate_nodes=HELDOUT, min_available_nodes=n).start(
-            grid, ArrayRecord(params), num_rounds=rounds, evaluate_fn=stamp)
-
-    return app
-
-
 @contextmanager
 def round_ends() -> Iterator[Stamps]:
     """When each of fedmeta's rounds ended (its rows and checkpoint written), stamped in the ServerApp."""
@@ -276,7 +245,7 @@ def simulate(server: ServerApp, client: ClientApp, n: int) -> tuple[float, float
 
 def run_stock(n: int, sampled: int, rounds: int, params: dict) -> dict:
     ends = Stamps()
-    launch, total, mem = simulate(stock_server(params, n, sampled, rounds, ends), stock_client, n)
+    launch, total, mem = simulate(stock_server(params, n, sampled, HELDOUT, rounds, ends), stock_client, n)
     return measured("stock-flower-fedavg", n, sampled + HELDOUT, launch, ends.after(1), ends.times[1] - ends.times[0],
                     [0.0] * rounds, total, mem)
 

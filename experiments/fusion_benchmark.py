@@ -74,6 +74,8 @@ def _variants() -> dict[str, Variant]:
          Variant("fedmeta-fresh-adam", "FedMeta, tuned", "average", {**TUNED, "keep_optimizer_state": False}),
          Variant("fedmeta-local-5", "FedMeta, tuned", "average", {**TUNED, "meta_lr": 0.005}, local=5),
          Variant("fedmeta-local-1", "FedMeta, tuned", "average", {**TUNED, "meta_lr": 0.003}, local=1),
+         Variant("fedmeta-lr-0.005-cos", "FedMeta, tuned", "average", {**TUNED, "meta_lr": 0.005}),
+         Variant("fedmeta-lr-0.02-cos", "FedMeta, tuned", "average", {**TUNED, "meta_lr": 0.02}),
          Variant("fedmeta-tuned-seed-1", "FedMeta, tuned, another seed", "average", {**TUNED, "seed": 1})]
     v += [Variant(f"fedavgm-{m}-{lr}", "FedAvgM (server momentum)", "average",
                   {**TUNED, "server_momentum": m, "server_lr": lr}) for m, lr in ((0.5, 0.5), (0.9, 0.1), (0.9, 0.2))]

@@ -75,3 +75,17 @@ def test_shipped_model_loads_and_adapts(path, small):  # noqa: F811
         assert out.shape == yq.shape and torch.isfinite(out).all()
         after.append(query_loss(model, learner, xq, yq))
     assert sum(after) < sum(before), f"{path}: adapting does not help ({sum(after) / 20:.3f} >= {sum(before) / 20:.3f})"
+
+
+def test_the_readme_snippet_runs(monkeypatch):
+    """README.md's "Using a meta-model" code block, run as written (from the repository root)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Using a meta-model"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    monkeypatch.chdir(REPO)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = scope["learner"].predict(torch.linspace(-5, 5, 100)[:, None])
+    truth = 2.0 * torch.sin(torch.linspace(-5, 5, 100)[:, None] + 0.5)
+    assert float(((out - truth) ** 2).mean()) < 1.0  # 10 steps from the meta-learned start fit the sine (0.29)

@@ -18,7 +18,7 @@ depends on the machine: its summary records the command with `--iterations N` fo
 
     python experiments/omniglot_central.py --quick                                  # smoke run (seconds)
     python experiments/omniglot_central.py --threads 2 --iterations 3000 --eval-every 500          # 5-way, shipped
-    python experiments/omniglot_central.py --ways 20 --threads 2 --budget-minutes 15 --eval-every 200  # 20-way, shipped
+    python experiments/omniglot_central.py --ways 20 --threads 2 --budget-minutes 10 --eval-every 200  # 20-way, shipped
     python experiments/omniglot_central.py --threads 2 --budget-minutes 60          # 5-way, a wall-clock budget
     python experiments/omniglot_central.py --algorithm fomaml --threads 2 --budget-minutes 15
     python experiments/omniglot_central.py --iterations 60000 --device cuda            # the paper's 5-way run

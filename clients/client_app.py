@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmeta import local, wire
 from fedmeta.config import Config
-from fedmeta.optim import Params, adam_flatten, adam_unflatten
+from fedmeta.optim import pack_adam, unpack_adam
 
 from . import actor_restart
 
@@ -50,24 +49,6 @@ def _client(msg: Message, context: Context) -> local.Client:
             raise KeyError(f"node config lacks {key!r}; start the SuperNode with "
                            '--node-config "partition-id=<i> num-partitions=<n>"')
     return local.client(cfg, int(node["partition-id"]), int(node["num-partitions"]))
-
-
-def pack_adam(state: dict) -> tuple[torch.Tensor, int]:
-    """Adam state -> (one 1-D tensor: `adam_flatten`'s tensors flattened and concatenated in its order, i.e.
-    exp_avg then exp_avg_sq, each in the model's key order; the step). Mixed dtypes promote (exactly)."""
-    flat, step = adam_flatten(state)
-    return torch.cat([v.reshape(-1) for v in flat.values()]), step
-
-
-def unpack_adam(packed: torch.Tensor, step: int, params: Params) -> dict | None:
-    """The inverse of `pack_adam` for a model with `params`, or None when it does not fit (other sizes)."""
-    sizes = [p.numel() for p in params.values()] * 2
-    if packed.dim() != 1 or packed.numel() != sum(sizes):
-        return None
-    names = [f"{part}/{k}" for part in ("exp_avg", "exp_avg_sq") for k in params]
-    parts = packed.split(sizes)
-    flat = {n: t.view(p.shape).to(p.dtype) for n, t, p in zip(names, parts, [*params.values()] * 2, strict=True)}
-    return adam_unflatten(flat, step, params)
 
 
 def _identity(c: local.Client) -> dict:

@@ -4,6 +4,7 @@ checkpoints and can live on the server across rounds (Kingma & Ba 2015; same upd
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,3 +59,29 @@ def adam_step(params: Params, grads: Params, state: dict, lr: float,
         new_params[k] = p.addcdiv(m, denom, value=-lr / bias1)
         m_new[k], v_new[k] = m, v
     return new_params, {"step": step, "exp_avg": m_new, "exp_avg_sq": v_new}
+
+
+# --- the kept Adam state on the wire: one 1-D array (Flower (de)serialises each array of a record apart) ---------
+def pack_adam(state: dict) -> tuple[torch.Tensor, int]:
+    """Adam state -> (one 1-D tensor: `adam_flatten`'s tensors flattened and concatenated in its order, i.e.
+    exp_avg then exp_avg_sq, each in the model's key order; the step). Mixed dtypes promote (exactly)."""
+    flat, step = adam_flatten(state)
+    return torch.cat([v.reshape(-1) for v in flat.values()]), step
+
+
+def unpack_adam(packed: torch.Tensor, step: int, params: Params) -> dict | None:
+    """The inverse of `pack_adam` for a model with `params`, or None when it does not fit (other sizes)."""
+    sizes = [p.numel() for p in params.values()] * 2
+    if packed.dim() != 1 or packed.numel() != sum(sizes):
+        return None
+    names = [f"{part}/{k}" for part in ("exp_avg", "exp_avg_sq") for k in params]
+    parts = packed.split(sizes)
+    flat = {n: t.view(p.shape).to(p.dtype) for n, t, p in zip(names, parts, [*params.values()] * 2, strict=True)}
+    return adam_unflatten(flat, step, params)
+
+
+def packed_adam_like(params: Params) -> torch.Tensor:
+    """What `pack_adam` gives for a model with `params`: 1-D, twice the model's size, in the parameters'
+    promoted dtype (an expanded view of zeros: nothing is allocated). The server checks replies against it."""
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in params.values()))
+    return torch.zeros(1, dtype=dtype).expand(2 * sum(v.numel() for v in params.values()))

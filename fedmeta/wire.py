@@ -4,7 +4,7 @@
 # RecordDict keys
 ARRAYS = "arrays"  # ArrayRecord: meta-parameters (server -> client, client -> server in "average")
 GRADIENT = "meta-gradient"  # ArrayRecord: client -> server in "meta-gradient" fusion
-OPTIMIZER = "optimizer-state"  # ArrayRecord {OPTIMIZER: 1-D}: a partition's kept local Adam (client_app.pack_adam)
+OPTIMIZER = "optimizer-state"  # ArrayRecord {OPTIMIZER: 1-D}: a partition's kept local Adam (fedmeta.optim.pack_adam)
 CONFIG = "config"  # ConfigRecord: the run config (the kebab-case Config mapping), the same for every message
 ROUND = "round"  # ConfigRecord: what this message is about (the keys below)
 METRICS = "metrics"  # MetricRecord

@@ -1,6 +1,6 @@
 """Each partition's kept local optimizer state (keep-optimizer-state), held by the server: sent with the
 partition's TRAIN message, replaced by its reply, stored in checkpoints (exact resume). The server does not
-look inside: a state is the step and the reply's tensors (one packed array, `clients.client_app.pack_adam`).
+look inside: a state is the step and the reply's tensors (one packed array, `fedmeta.optim.pack_adam`).
 
 Stored as one (rows, numel) buffer per tensor name, a row per partition in the order partitions were first
 kept, so that a checkpoint is a few large tensors whatever the population. Kept as one small tensor per

@@ -17,7 +17,6 @@ public Grid and Message API; unlike `flwr.serverapp.strategy.Strategy.start` it 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -25,14 +24,13 @@ from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedmeta import wire
 from fedmeta.config import Config
-from fedmeta.optim import Params
+from fedmeta.optim import Params, packed_adam_like
 from fedmeta.results import RunWriter
 
 from .client_states import ClientStates
@@ -69,11 +67,9 @@ class Delivery:
 
 
 def packed_adam_template(params: Params) -> Params:
-    """What a reply's kept Adam state must look like: one 1-D array (`clients.client_app.pack_adam`: exp_avg
-    and exp_avg_sq of every parameter, concatenated) of twice the model's size, in the parameters' promoted
-    dtype. The server stores and forwards it without unpacking. (An expanded view: nothing is allocated.)"""
-    dtype = functools.reduce(torch.promote_types, (v.dtype for v in params.values()))
-    return {wire.OPTIMIZER: torch.zeros(1, dtype=dtype).expand(2 * sum(v.numel() for v in params.values()))}
+    """What a reply's kept Adam state must look like: {OPTIMIZER: `fedmeta.optim.packed_adam_like`}. The
+    server stores and forwards it without unpacking."""
+    return {wire.OPTIMIZER: packed_adam_like(params)}
 
 
 class FedMeta:

@@ -33,6 +33,7 @@ from fedmeta import partition
 from fedmeta.config import Config
 from fedmeta.lab import federation, tables
 from fedmeta.lab.args import REPO, Args, arg, command, parse, settings
+from fedmeta.lab.central import train as train_centrally
 from fedmeta.lab.protocol import SEED_OFFSETS, evaluate_protocol, tune_inner_lr
 from fedmeta.results import load_checkpoint, load_meta_model, save_meta_model
 
@@ -50,6 +51,8 @@ ROBUST = {"median": {"aggregator": "median"},
           "krum": {"aggregator": "krum", "krum_byzantine": 2, "krum_select": 0}}  # f = 2: multi-Krum of 6
 AGGREGATORS = {"mean": {"aggregator": "mean"}, **ROBUST}
 POLICIES = ("claimed", "equal", "capped")  # capped: weight-cap 3 x the round's median claim
+SEEDS = (1, 2)  # the seed-spread table's other seeds
+MAIN = ("average", "meta-gradient", "baseline")  # the families of the main table (the others have tables of their own)
 ATTACK = Attack(flip=(0, 1), scale=10.0, inflate=(2,), factor=100.0)  # partition 2: amplitudes 4.51-5.0
 
 
@@ -59,10 +62,15 @@ class Variant:
 
     name: str
     group: str  # the main table's row: the group's candidate best on validation tasks
-    family: str  # "average" | "meta-gradient" | "baseline" | "byzantine"
+    family: str  # "average" | "meta-gradient" | "baseline" | "byzantine" | "seed" (federated) | "central" (in-process)
     changes: dict = field(default_factory=dict)
     attack: Attack | None = None  # Byzantine rows: run with clients/attacks.py's ClientApp
     local: int | None = None  # local meta-iterations per round, if not --local ("average": rounds scale to match)
+    clients: int = TRAIN_CLIENTS  # training clients sampled per round (fewer: more rounds, the same compute)
+
+    @property
+    def fraction(self) -> float:
+        return self.clients / TRAIN_CLIENTS
 
 
 def _variants() -> dict[str, Variant]:
@@ -76,7 +84,15 @@ def _variants() -> dict[str, Variant]:
          Variant("fedmeta-local-1", "FedMeta, tuned", "average", {**TUNED, "meta_lr": 0.003}, local=1),
          Variant("fedmeta-lr-0.005-cos", "FedMeta, tuned", "average", {**TUNED, "meta_lr": 0.005}),
          Variant("fedmeta-lr-0.02-cos", "FedMeta, tuned", "average", {**TUNED, "meta_lr": 0.02}),
-         Variant("fedmeta-tuned-seed-1", "FedMeta, tuned, another seed", "average", {**TUNED, "seed": 1})]
+         Variant("fedmeta-local-10", "FedMeta, tuned", "average", TUNED, local=10),
+         # fewer clients per round, proportionally more rounds: more sequential meta-steps at the same compute
+         Variant("fedmeta-clients-4", "FedMeta, tuned", "average", {**TUNED, "fraction_train": 0.5}, clients=4),
+         Variant("fedmeta-clients-2", "FedMeta, tuned", "average", {**TUNED, "fraction_train": 0.25}, clients=2)]
+    # the seed-spread table: FedMeta's tuned settings and central MAML, each trained again with other seeds and
+    # scored on the same test tasks (seed 0 of each is the main table's fedmeta-tuned and maml.pt)
+    for seed in SEEDS:
+        v += [Variant(f"fedmeta-tuned-seed-{seed}", "seed spread", "seed", {**TUNED, "seed": seed}),
+              Variant(f"central-seed-{seed}", "seed spread", "central", {"seed": seed})]
     v += [Variant(f"fedavgm-{m}-{lr}", "FedAvgM (server momentum)", "average",
                   {**TUNED, "server_momentum": m, "server_lr": lr}) for m, lr in ((0.5, 0.5), (0.9, 0.1), (0.9, 0.2))]
     for opt, lrs in (("adam", (0.01, 0.03, 0.1)), ("yogi", (0.01, 0.03, 0.1)), ("adagrad", (0.03, 0.1, 0.3))):
@@ -103,12 +119,15 @@ class Settings(Args):
     SCRIPT: ClassVar[str] = "experiments/fusion_benchmark.py"
     NAME: ClassVar[str] = "fusion_benchmark"
     QUICK: ClassVar[dict] = {"rounds": 2, "local": 2, "grad_rounds": 4, "byz_rounds": 2, "curve_points": 2,
-                             "only": ("fedavg", "fedmeta-tuned", "byz-trimmed-mean-claimed")}
+                             "central_iterations": 20, "compile_central": False,
+                             "only": ("fedavg", "fedmeta-tuned", "byz-trimmed-mean-claimed", "central-seed-1")}
 
     rounds: int = arg(350, "rounds of the 'average'-fusion federations and FedAvg")
     local: int = arg(25, "local meta-iterations per round ('average' fusion, FedAvg)")
     grad_rounds: int = arg(8750, "rounds of distributed MAML (1 averaged meta-gradient per client and round)")
     byz_rounds: int = arg(100, "rounds of the Byzantine table's federations (x --local meta-iterations)")
+    central_iterations: int = arg(70_000, "meta-iterations of the seed table's central MAML runs (maml.pt's 70 000)")
+    compile_central: bool = arg(True, "torch.compile those runs' meta-gradient (as maml.pt was trained)")
     checkpoint_its: int = arg(200, "client meta-iterations between checkpoints (the rounds-to-reach resolution)")
     curve_points: int = arg(35, "checkpoints of each run scored for the curve (more are scored to find the "
                                 "first round that reaches FedAvg's final MSE)")
@@ -118,17 +137,19 @@ class Settings(Args):
 
 # --- running ---------------------------------------------------------------------------------------------------
 def rounds_and_local(v: Variant, args: Settings) -> tuple[int, int]:
-    """(rounds, local meta-iterations) of a variant: the same client meta-iterations for every main-table row."""
+    """(rounds, local meta-iterations) of a variant: the same client meta-iterations for every main-table row
+    (rounds x local x sampled clients)."""
     if v.family == "meta-gradient":
         return args.grad_rounds, 1
-    if v.local is not None:
-        return args.rounds * args.local // v.local, v.local
-    return (args.byz_rounds if v.family == "byzantine" else args.rounds), args.local
+    if v.family == "byzantine":
+        return args.byz_rounds, args.local
+    local = args.local if v.local is None else v.local
+    return args.rounds * args.local * TRAIN_CLIENTS // (local * v.clients), local
 
 
 def config(v: Variant, args: Settings) -> Config:
     rounds, local = rounds_and_local(v, args)
-    every = max(1, round(args.checkpoint_its / (local * TRAIN_CLIENTS)))
+    every = max(1, round(args.checkpoint_its / (local * v.clients)))
     ckpt = rounds if v.family == "byzantine" else every  # the Byzantine table needs the final model only
     return federation.app_config(num_rounds=rounds, local_iterations=local, eval_every=max(1, rounds // 10),
                                  checkpoint_every=ckpt, **v.changes)
@@ -157,10 +178,24 @@ def simulate(cfg: Config, attack: Attack, runs: Path, name: str) -> dict:
 
 
 def run(v: Variant, args: Settings, runs: Path) -> dict:
+    if v.family == "central":
+        return train_central(v, args, runs)
     cfg = config(v, args)
     if v.attack is not None:
         return simulate(cfg, v.attack, runs, v.name)
     return federation.run(cfg, name=v.name, results_dir=runs, num_supernodes=TRAIN_CLIENTS + 2, replace=True).record()
+
+
+def train_central(v: Variant, args: Settings, runs: Path) -> dict:
+    """Central MAML with maml.pt's config and another seed, in this process, as experiments/sinusoid_central.py
+    trains it (--central-iterations meta-iterations), saved as <runs>/<name>/model.pt."""
+    cfg = load_meta_model(CENTRAL / "maml.pt").config.replace(compile=args.compile_central, **v.changes)
+    t0 = time.perf_counter()
+    trained = train_centrally(cfg, partition.full_source(cfg), iterations=args.central_iterations,
+                              eval_every=args.central_iterations, log=False)
+    save_meta_model(runs / v.name / "model.pt", trained.params, cfg, None)
+    return {"iterations": args.central_iterations, "wall_seconds": time.perf_counter() - t0,
+            "config_changes": v.changes}
 
 
 # --- scoring ---------------------------------------------------------------------------------------------------
@@ -183,7 +218,7 @@ def score(v: Variant, run_dir: Path, args: Settings) -> dict:
         cfg = cfg.replace(inner_lr=info["inner_lr"])
     out = {"test": protocol(cfg, model.params, "test"), "validation": protocol(cfg, model.params, "validation"),
            "inner_lr": cfg.inner_lr, "tuning": info, "curve": {}}
-    if v.family != "byzantine":
+    if v.family in MAIN:
         ckpts = checkpoints(run_dir)
         for path in ckpts[max(1, len(ckpts) // args.curve_points) - 1::max(1, len(ckpts) // args.curve_points)]:
             curve_point(out["curve"], cfg, path)
@@ -247,7 +282,7 @@ def best_of_groups(scores: dict[str, dict]) -> dict[str, str]:
     best: dict[str, str] = {}
     for name, s in scores.items():
         g = VARIANTS[name].group
-        if VARIANTS[name].family != "byzantine" and (g not in best or val10(s) < val10(scores[best[g]])):
+        if VARIANTS[name].family in MAIN and (g not in best or val10(s) < val10(scores[best[g]])):
             best[g] = name
     return best
 
@@ -261,6 +296,7 @@ def settings_text(v: Variant) -> str:
     parts += [f"{' + '.join(sched)} rate cosine to {c.schedule_min_factor:g}"] if sched else []
     parts += [] if c.keep_optimizer_state else ["fresh client Adam each round"]
     parts += [] if c.aggregator == "mean" else [c.aggregator]
+    parts += [f"fraction-train {c.fraction_train:g}"] if c.fraction_train < 1 else []
     parts += [f"seed {c.seed}"] if c.seed else []
     return ", ".join(parts)
 
@@ -273,29 +309,54 @@ def main_table(scores: dict, records: dict, reach: dict, central: dict, args: Se
         rounds, local = rounds_and_local(v, args)
         r = reach.get(name)
         body.append([group, name, settings_text(v) if v.family != "baseline" else
-                     f"fine-tuning lr {s['inner_lr']:g} (tuned)", f"{rounds} × {local}",
+                     f"fine-tuning lr {s['inner_lr']:g} (tuned)", f"{rounds} × {local} × {v.clients}",
                      trio(s["test"], "loss", ".3f"), trio(s["test"], "median", ".3f"), trio(s["test"], "diverged", "d"),
-                     "not reached" if r is None else f"{r} ({r * local * TRAIN_CLIENTS})",
+                     "not reached" if r is None else f"{r} ({r * local * v.clients})",
                      f"{records.get(name, {}).get('wall_seconds', math.nan):.0f}",
                      f"{at(s['test'], 10)['loss'] / ref - 1:+.1%}"])
     if central:
         body.append(["central MAML", "results/sinusoid_central/maml.pt", "Adam 1e-3, meta-batch 25", "70000 its",
                      trio(central["test"], "loss", ".3f"), trio(central["test"], "median", ".3f"),
                      trio(central["test"], "diverged", "d"), "", f"{central['wall_seconds']:.0f}", "+0.0%"])
-    return tables.markdown_table(["fusion", "run", "settings", "rounds × local", "mean MSE 1 / 5 / 10",
+    return tables.markdown_table(["fusion", "run", "settings", "rounds × local × clients", "mean MSE 1 / 5 / 10",
                                   "median MSE 1 / 5 / 10", "diverged (of 600) 1 / 5 / 10",
                                   "rounds (client its) to FedAvg's final", "wall s", "mean 10 vs central"], body)
 
 
-def tuning_table(scores: dict, chosen: set[str], central: dict) -> list[str]:
+def tuning_table(scores: dict, chosen: set[str], central: dict, args: Settings) -> list[str]:
     def cells(s: dict) -> list[str]:
         return [f"{at(s[w], 10)['loss']:.3f} ({at(s[w], 10)['diverged']})" for w in ("validation", "test")]
 
-    body = [[VARIANTS[n].group, n + (" (chosen)" if n in chosen else ""), settings_text(VARIANTS[n]), *cells(s)]
-            for n, s in scores.items() if VARIANTS[n].family not in ("byzantine", "baseline")]
-    body += [["central MAML", "maml.pt", "(the reference)", *cells(central)]] if central else []
-    return tables.markdown_table(["group", "run", "settings", "validation mean 10 (diverged)",
-                                  "test mean 10 (diverged)"], body)
+    def split(v: Variant) -> str:
+        return " × ".join(map(str, (*rounds_and_local(v, args), v.clients)))
+
+    body = [[VARIANTS[n].group, n + (" (chosen)" if n in chosen else ""), settings_text(VARIANTS[n]),
+             split(VARIANTS[n]), *cells(s)]
+            for n, s in scores.items() if VARIANTS[n].family in ("average", "meta-gradient")]
+    body += [["central MAML", "maml.pt", "(the reference)", "70000 its", *cells(central)]] if central else []
+    return tables.markdown_table(["group", "run", "settings", "rounds × local × clients",
+                                  "validation mean 10 (diverged)", "test mean 10 (diverged)"], body)
+
+
+def seed_table(scores: dict, central: dict) -> list[str]:
+    """FedMeta tuned against central MAML, seed by seed (seed 0: the main table's runs), on the same 600 test
+    tasks, and the mean over the seeds both have: the seed spread the main table's single-seed gap sits in."""
+    runs = {0: (scores.get("fedmeta-tuned"), central or None)}
+    runs |= {s: (scores.get(f"fedmeta-tuned-seed-{s}"), scores.get(f"central-seed-{s}")) for s in SEEDS}
+    body, fed_means, central_means = [], [], []
+    for seed, (fed, cen) in runs.items():
+        if fed is None or cen is None:
+            continue
+        f, c = at(fed["test"], 10), at(cen["test"], 10)
+        fed_means.append(f["loss"])
+        central_means.append(c["loss"])
+        body.append([str(seed), f"{f['loss']:.3f} ({f['diverged']})", f"{c['loss']:.3f} ({c['diverged']})",
+                     f"{f['loss'] / c['loss'] - 1:+.1%}"])
+    if len(body) > 1:
+        fm, cm = sum(fed_means) / len(fed_means), sum(central_means) / len(central_means)
+        body.append([f"mean of {len(body)}", f"{fm:.3f}", f"{cm:.3f}", f"{fm / cm - 1:+.1%}"])
+    return tables.markdown_table(["seed", "FedMeta tuned: mean MSE 10 (diverged)",
+                                  "central MAML: mean MSE 10 (diverged)", "FedMeta vs central"], body)
 
 
 def byzantine_table(scores: dict, records: dict) -> list[str]:
@@ -323,7 +384,7 @@ def plot(scores: dict, chosen: list[str], args: Settings, path: Path) -> None:
         pts = sorted((int(r), row["loss"]) for r, row in scores[name]["curve"].items())
         _, local = rounds_and_local(VARIANTS[name], args)
         if pts:
-            lines.append(tables.Line(name, [r * local * TRAIN_CLIENTS for r, _ in pts], [y for _, y in pts]))
+            lines.append(tables.Line(name, [r * local * VARIANTS[name].clients for r, _ in pts], [y for _, y in pts]))
     if lines:
         tables.plot(path, lines, xlabel="client meta-iterations", ylabel="test MSE after 10 steps (600 tasks)",
                     yscale="log", legend_size=7)
@@ -344,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = at(scores["fedavg"]["test"], 10)["loss"] if "fedavg" in scores else None
     reach = {}
     for name, s in scores.items():
-        if target is not None and VARIANTS[name].family != "byzantine":
+        if target is not None and VARIANTS[name].family in MAIN:
             reach[name] = first_round(s, runs / name, target)
             tables.write_json(store / f"{name}.json", s)  # with the checkpoints scored on the way
     central = central_row() if (CENTRAL / "maml.pt").exists() else {}
@@ -357,7 +418,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"FedAvg + fine-tuning's final 10-step mean: {target if target is None else f'{target:.3f}'}."), "",
              *main_table(scores, records, reach, central, args), "",
              "Every candidate (the chosen one per group: lowest validation mean after 10 steps, no diverged task):",
-             "", *tuning_table(scores, set(chosen.values()), central), "",
+             "", *tuning_table(scores, set(chosen.values()), central, args), "",
+             (f"Seed spread: FedMeta's tuned settings and central MAML trained again with seeds {list(SEEDS)} "
+              "(seed 0: the rows above), the same compute each, scored on the same 600 test tasks:"), "",
+             *seed_table(scores, central), "",
              (f"Byzantine table: {args.byz_rounds} rounds × {args.local} × {TRAIN_CLIENTS} = "
               f"{args.byz_rounds * args.local * TRAIN_CLIENTS} client meta-iterations, FedMeta's tuned settings; "
               f"partitions {list(ATTACK.flip)} send sign-flipped ×{ATTACK.scale:g} updates, partition "

@@ -67,7 +67,7 @@ from fedmeta.lab import central, federation, tables
 from fedmeta.lab.args import REPO, Args, arg, command, parse, settings
 from fedmeta.lab.protocol import tune_finetuning
 from fedmeta.optim import Params
-from fedmeta.results import save_meta_model, versions
+from fedmeta.results import load_meta_model, save_meta_model, versions
 
 DATA = REPO.parent / "shared" / "data" / "omniglot"
 FLOWER = ("fedmeta", "dist-maml", "fedavg", "fedavg-global")
@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary["final"] = {name: c[-1]["eval_accuracy_post"] for name, c in curves.items()}
     summary["rounds_to_target"] = rounds_to_target(curves, summary["variants"], summary["round0"]["eval_accuracy_post"])
     summary["goal"] = goal(summary["final"])
+    summary["fresh"] = fresh_check(args, in_process(variant_config(base, "fedmeta", args), args), n, out)
+    if summary["goal"] and summary["fresh"]:
+        summary["goal"]["fresh"] = fresh_goal(summary["goal"], summary["fresh"])
     summary["total_wall_seconds"] = time.perf_counter() - t_all
     summary["load_average_end"] = os.getloadavg()
     all_rows = [{"variant": name, **r} for name, c in curves.items() for r in c]
@@ -280,6 +283,31 @@ def central_matched(args: Settings, cfg: Config, n: int, out: Path) -> dict:
             "source": union.what, "classes": union.num_classes, "wall_seconds": time.perf_counter() - t0,
             "timing": trained.timing, "budget": budget("central", cfg, None, args),
             "iterations_per_round": per_round}
+
+
+FRESH_SEED_OFFSET = 1000  # the fresh check's episodes: seed + this (the held-out alphabets are the same)
+FRESH_TASKS_X = 4  # ... and 4 x --eval-tasks of them per held-out client
+
+
+def fresh_check(args: Settings, cfg: Config, n: int, out: Path) -> dict[str, float]:
+    """The held-out accuracy of every FedMeta-family and central model in <out>/models on episodes none of them
+    was chosen on: the same held-out alphabets, another seed, 4 x as many episodes. The curves' episodes are the
+    ones the best variant is picked on, so its accuracy there is biased upwards; this one is not."""
+    fresh = cfg.replace(seed=args.seed + FRESH_SEED_OFFSET, eval_tasks=FRESH_TASKS_X * args.eval_tasks)
+    found = {}
+    for name in (*FEDMETA_FAMILY, "central"):
+        if (out / "models" / f"{name}.pt").exists():
+            params = load_meta_model(out / "models" / f"{name}.pt").params
+            found[name] = heldout_accuracy(fresh, params, n)["eval_accuracy_post"]
+    return found
+
+
+def fresh_goal(g: dict, fresh: dict[str, float]) -> dict | None:
+    """The goal for the variant chosen on the curves' episodes, measured on the fresh ones."""
+    if g["best_federated"] not in fresh or "central" not in fresh:
+        return None
+    gap = 100 * (fresh["central"] - fresh[g["best_federated"]])
+    return {"federated": fresh[g["best_federated"]], "central": fresh["central"], "gap_points": gap, "met": gap <= 2.0}
 
 
 def goal(final: dict[str, float]) -> dict | None:
@@ -410,6 +438,13 @@ def summary_md(summary: dict, args: Settings) -> list[str]:
                        f"variant {g['best_federated']} {100 * g['federated']:.1f} % vs central "
                        f"{100 * g['central']:.1f} %: {g['gap_points']:.1f} points behind, "
                        f"**{'met' if g['met'] else 'not met'}**.")]
+        if f := g.get("fresh"):
+            lines += ["", (f"The variant was chosen on those episodes; on {FRESH_TASKS_X * args.eval_tasks} fresh "
+                           f"episodes per held-out client (seed {summary['seed'] + FRESH_SEED_OFFSET}, the same "
+                           f"alphabets): {g['best_federated']} {100 * f['federated']:.1f} % vs central "
+                           f"{100 * f['central']:.1f} %: {f['gap_points']:.1f} points behind, "
+                           f"**{'met' if f['met'] else 'not met'}**. Every model on them: "
+                           + ", ".join(f"{k} {100 * v:.1f} %" for k, v in summary["fresh"].items()) + ".")]
     if summary["rounds_to_target"]:
         lines += ["", f"Rounds to reach a baseline's final accuracy (first evaluated round; every {args.eval_every} "
                   "rounds):", ""]

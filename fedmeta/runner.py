@@ -168,6 +168,8 @@ class LocalRun:
         now = time.monotonic()
         if (status := read_status(self.out)) is not None:
             self._status_seen = self._status_seen or now
+            if self.link is not None and self.servers and not self._server_processes():
+                return status  # our SuperLink's ServerApp wrote its status and exited: nothing more to stream
             return status if now - self._status_seen > STREAM_END_WAIT else None  # Flower's stream lingers
         if self.link is not None:
             if not self.link.alive():

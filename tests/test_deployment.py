@@ -195,6 +195,7 @@ def fault(tmp_path_factory):
     return ids, status, load_run(base / "fault"), round1_wait
 
 
+@pytest.mark.slow  # ~2.5 min: Flower notices the dead node only after two missed 30 s heartbeats
 def test_killed_node_fails_its_round_and_rejoins_after_restart(fault):
     ids, status, run, round1_wait = fault
     assert status["status"] == "completed-with-failures" and status["failed_clients"] == 1, status
@@ -212,6 +213,7 @@ def test_killed_node_fails_its_round_and_rejoins_after_restart(fault):
     assert round1_wait < 200  # Flower gives up on the dead node after ~2 missed heartbeats, not round-timeout
 
 
+@pytest.mark.slow  # shares the fixture above
 def test_dead_node_is_recorded_once_under_its_own_id(fault):
     ids, _, run, _ = fault
     c, r = run.clients, run.rounds
@@ -240,6 +242,7 @@ def _leftovers(workdir: Path) -> list[int]:
 
 
 # ~65 s on 2 cores; the same federation as the default TLS test, across namespaces (skipped without root)
+@pytest.mark.slow  # ~1 min; loopback deployment runs by default in the TLS test and the latency benchmark's quick run
 def test_launcher_cli_in_separate_network_namespaces(tmp_path):
     """`python -m deploy.launch --netns`: SuperLink, 3 SuperNodes and the CLI in their own namespaces."""
     ok, why = netns.available()

@@ -17,7 +17,7 @@ def simulate(cfg: Config, nodes: int) -> None:
                    backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
 
 
-@pytest.mark.parametrize("nodes", [10, 100])
+@pytest.mark.parametrize("nodes", [pytest.param(10, marks=pytest.mark.slow), 100])  # 100: the default run
 def test_assigned_partitions_give_the_numbers_of_discovery(nodes, tmp_path):
     cfg = Config(num_rounds=2, local_iterations=1, meta_batch_size=2, eval_tasks=4, eval_steps=1,
                  fraction_train=0.3, results_dir=str(tmp_path), seed=3)

@@ -86,6 +86,15 @@ def test_rounds_to_target_and_flags():
     assert row["rounds"] == 3 and row["target_below_random_init"]
 
 
+def test_goal_picks_the_best_federated_variant_and_judges_it_again_on_fresh_episodes():
+    final = {"fedmeta": 0.87, "fedmeta-r2-c05": 0.896, "dist-maml": 0.95, "central": 0.904}  # dist-maml: not FedMeta
+    g = omniglot_federated.goal(final)
+    assert g["best_federated"] == "fedmeta-r2-c05" and g["met"] and abs(g["gap_points"] - 0.8) < 1e-9
+    fresh = omniglot_federated.fresh_goal(g, {"fedmeta-r2-c05": 0.87, "central": 0.906})
+    assert not fresh["met"] and abs(fresh["gap_points"] - 3.6) < 1e-9  # chosen on the curve, judged on fresh tasks
+    assert omniglot_federated.fresh_goal(g, {"central": 0.9}) is None
+
+
 def test_variants_differ_from_the_shared_config_only_where_they_say():
     args = parse(omniglot_federated.Settings, ["--quick"])
     base = omniglot_federated.base_config(args)

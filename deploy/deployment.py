@@ -30,6 +30,7 @@ from typing import Self
 from deploy import certs
 from deploy.netns import Network
 from deploy.processes import Service, deferred, free_port, marked, signal_pids, start
+from fedmeta.appdir import lean_copy
 from fedmeta.config import run_config_string
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +268,9 @@ class Deployment:
     # --- runs -----------------------------------------------------------------------------------
     def start_run(self, run_config: dict, app: Path = REPO) -> int:
         overrides = run_config_string(run_config)
-        data = self.flwr_json("run", str(app), CONNECTION, "--run-config", overrides)
+        skip = [Path(run_config["results-dir"])] if "results-dir" in run_config else []
+        with lean_copy(app, skip) as copy:  # the FAB is built and sent before `flwr run` returns (fedmeta.appdir)
+            data = self.flwr_json("run", str(copy), CONNECTION, "--run-config", overrides)
         return int(data["run-id"])
 
     def run_status(self, run_id: int) -> str:

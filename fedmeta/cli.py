@@ -26,6 +26,7 @@ from pathlib import Path
 
 from deploy.processes import interrupts
 
+from .appdir import lean_copy
 from .config import Config, ConfigError, app_defaults, parse_run_config, run_config_string
 from .progress import output_for
 from .runner import LocalRun
@@ -116,20 +117,22 @@ def run(args: argparse.Namespace) -> int:
            "--federation-config", args.federation_config]
     print(f"fedmeta: run directory {out}\n+ {' '.join(cmd)}", flush=True)
     output = output_for(sys.stdout, args.progress)
-    local = LocalRun(app, out, cmd, env, output, bin_dir, args.keep_superlink)
-    try:
+    with lean_copy(app, skip=[Path(cfg.results_dir)]) as copy:  # Flower builds the FAB from it (see appdir)
+        cmd[2] = str(copy)
+        local = LocalRun(app, out, cmd, env, output, bin_dir, args.keep_superlink)
         try:
-            with interrupts(), local:
-                status = local.run()
-        finally:
-            output.close()  # the live line ends before anything else is printed
-    except KeyboardInterrupt as err:  # LocalRun stopped everything and recorded the interrupt in status.json
-        name = str(err) or "SIGINT"
-        print(f"fedmeta: interrupted ({name}); {local.stopped()}", file=sys.stderr)
-        return 128 + getattr(signal.Signals, name, signal.SIGINT)
-    except RuntimeError as err:  # the SuperLink did not start
-        print(f"fedmeta: run FAILED: {err}", file=sys.stderr)
-        return EXIT_FAILED
+            try:
+                with interrupts(), local:
+                    status = local.run()
+            finally:
+                output.close()  # the live line ends before anything else is printed
+        except KeyboardInterrupt as err:  # LocalRun stopped everything and recorded the interrupt in status.json
+            name = str(err) or "SIGINT"
+            print(f"fedmeta: interrupted ({name}); {local.stopped()}", file=sys.stderr)
+            return 128 + getattr(signal.Signals, name, signal.SIGINT)
+        except RuntimeError as err:  # the SuperLink did not start
+            print(f"fedmeta: run FAILED: {err}", file=sys.stderr)
+            return EXIT_FAILED
     return finish(status, out)
 
 

@@ -51,6 +51,10 @@ from deploy.processes import (
 SERVER_COMMANDS = ("flwr-simulation", "flwr-serverapp")  # the processes that run our ServerApp
 STARTED = re.compile(r"Successfully started run (\d+)")
 STREAM_END_WAIT = 15.0  # seconds the stream gets to end after status.json appeared
+# ... with our own SuperLink: the seconds its last log lines get (the ServerApp process then spends ~4 s shutting
+# Ray down and flushing logs before the stream ends; status.json is written last, so `close` may stop all that)
+OWN_STATUS_WAIT = 1.0
+ENDED_GRACE = 0.3  # seconds between SIGTERM and SIGKILL when `close` stops an ended run
 SERVER_GONE_WAIT = 3.0  # seconds between the ServerApp process vanishing and declaring the run failed
 LS_INTERVAL = 10.0  # seconds between `flwr ls --run-id` polls (a SuperLink that is not ours)
 
@@ -103,6 +107,7 @@ class LocalRun:
         self.seen: set[tuple[int, int]] = set()  # every process seen below our SuperLink (see `identity`)
         self.interrupted: str | None = None
         self.stream_ended = False  # `flwr run --stream` ended by itself (the run is over for Flower too)
+        self.ended = False  # run() returned the run's final status: what is left running holds nothing of value
 
     # --- start ------------------------------------------------------------------------------------
     def start_superlink(self, timeout: float = 60.0) -> Service:
@@ -136,6 +141,7 @@ class LocalRun:
             status = self._stream(lines, log)
         if status is None:
             status = self._status_after_stream()
+        self.ended = True
         return status
 
     # --- watch ------------------------------------------------------------------------------------
@@ -168,8 +174,8 @@ class LocalRun:
         now = time.monotonic()
         if (status := read_status(self.out)) is not None:
             self._status_seen = self._status_seen or now
-            if self.link is not None and self.servers and not self._server_processes():
-                return status  # our SuperLink's ServerApp wrote its status and exited: nothing more to stream
+            if self.link is not None and now - self._status_seen > OWN_STATUS_WAIT:
+                return status  # written last: our SuperLink's run has nothing more to say than its last log lines
             return status if now - self._status_seen > STREAM_END_WAIT else None  # Flower's stream lingers
         if self.link is not None:
             if not self.link.alive():
@@ -245,7 +251,9 @@ class LocalRun:
             pids = {p for s in services for p in s.tree()}
             if own_link:  # what left the tree meanwhile: Ray's agents outlive a killed raylet for seconds
                 pids.update(still_running(self.seen))
-            kill_tree(sorted(pids), [s.proc.pid for s in services], self.grace)
+            # an ended run's processes are only shutting down (Ray, log upload: seconds that SIGTERM does not
+            # shorten); an interrupted one may still be writing its files, so it gets the grace period
+            kill_tree(sorted(pids), [s.proc.pid for s in services], ENDED_GRACE if self.ended else self.grace)
             for s in services:
                 s.reap()
             if own_link:  # whatever escaped the trees unseen (reparented to init) still carries our token

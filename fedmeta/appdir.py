@@ -2,8 +2,9 @@
 
 `flwr run <dir>` builds the app's FAB from <dir> on every run, and Flower 1.42 first lists every file under it
 (`flwr.cli.utils.collect_files` resolves each path) before its include / exclude rules drop most of them. A project
-virtual environment in the app directory (`.venv`, about 40 000 files) makes that 3.4 s per run on the 2-core
-machine, and run directories under `results/` add more. The app never runs from its directory (`fedmeta run` passes
+virtual environment in the app directory (`.venv`, about 40 000 files) and run directories under `results/` make
+that seconds per run (`python benchmarks/fab_build.py`: 4.2 s for this repository on the 2-core machine, 0.06 s
+from the copy). The app never runs from its directory (`fedmeta run` passes
 absolute data and results paths), so `fedmeta run` hands Flower a temporary copy holding the files a FAB can keep
 (Flower's include patterns: .py .toml .md .yaml .yml .json .jsonl, LICENSE; and .gitignore, which Flower reads),
 found by a walk that never enters hidden directories, `__pycache__`, the top-level environment / build directories

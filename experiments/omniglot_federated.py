@@ -285,6 +285,15 @@ def central_matched(args: Settings, cfg: Config, n: int, out: Path) -> dict:
             "iterations_per_round": per_round}
 
 
+GOAL_POINTS = 2.0  # the issue's goal: federated within 2 points of central at matched meta-iterations
+
+
+def judged(federated: float, central: float) -> dict:
+    """The goal's verdict on two accuracies (fractions): the gap in points and whether it is within GOAL_POINTS."""
+    gap = 100 * (central - federated)
+    return {"federated": federated, "central": central, "gap_points": gap, "met": gap <= GOAL_POINTS}
+
+
 FRESH_SEED_OFFSET = 1000  # the fresh check's episodes: seed + this (the held-out alphabets are the same)
 FRESH_TASKS_X = 4  # ... and 4 x --eval-tasks of them per held-out client
 
@@ -306,8 +315,7 @@ def fresh_goal(g: dict, fresh: dict[str, float]) -> dict | None:
     """The goal for the variant chosen on the curves' episodes, measured on the fresh ones."""
     if g["best_federated"] not in fresh or "central" not in fresh:
         return None
-    gap = 100 * (fresh["central"] - fresh[g["best_federated"]])
-    return {"federated": fresh[g["best_federated"]], "central": fresh["central"], "gap_points": gap, "met": gap <= 2.0}
+    return judged(fresh[g["best_federated"]], fresh["central"])
 
 
 def goal(final: dict[str, float]) -> dict | None:
@@ -316,9 +324,7 @@ def goal(final: dict[str, float]) -> dict | None:
     if "central" not in final or not fed:
         return None
     best = max(fed, key=fed.get)
-    gap = 100 * (final["central"] - fed[best])
-    return {"central": final["central"], "best_federated": best, "federated": fed[best], "gap_points": gap,
-            "met": gap <= 2.0}
+    return {"best_federated": best, **judged(fed[best], final["central"])}
 
 
 def alone(args: Settings, cfg: Config, n: int, out: Path) -> dict:

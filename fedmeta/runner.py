@@ -3,7 +3,8 @@
     with LocalRun(app, out, flwr_cmd, env, output) as r:   # leaving the block stops what r started
         status = r.run()                                    # the run's status.json (or why there is none)
 
-* The SuperLink (if none is running) and `flwr run` are started in their own sessions, both marked with
+* The SuperLink (if none is running on the configured ports; ours gets free ports of its own, so that no other
+  `fedmeta run` joins it and dies when this one stops it) and `flwr run` are started in their own sessions, both marked with
   `FEDMETA_RUN=<token>` in their environment, which everything they start inherits (SuperExec,
   flwr-simulation, Ray's raylet and workers).
 * The stream is read by a thread; the main thread watches, twice a second, for what ends a run early:
@@ -26,6 +27,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -59,12 +61,22 @@ SERVER_GONE_WAIT = 3.0  # seconds between the ServerApp process vanishing and de
 LS_INTERVAL = 10.0  # seconds between `flwr ls --run-id` polls (a SuperLink that is not ours)
 
 
-def local_port(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+PORT_VARS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39091", "FLWR_LOCAL_CONTROL_API_PORT": "39093"}  # Flower's
 
 
-def superlink_running() -> bool:
-    port = local_port("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+def local_port(name: str, env: dict[str, str] | None = None) -> str:
+    """The local SuperLink's port `name` (a key of PORT_VARS) as `flwr` resolves it from `env` (os.environ)."""
+    return (os.environ if env is None else env).get(name, PORT_VARS[name])
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def superlink_running(env: dict[str, str] | None = None) -> bool:
+    port = local_port("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", env)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
             return r.status == 200
@@ -101,6 +113,7 @@ class LocalRun:
         self.token = uuid.uuid4().hex
         self.env = {**env, "FEDMETA_RUN": self.token}
         self.link: Service | None = None
+        self.superlink_log: Path | None = None
         self.client: Service | None = None
         self.run_id: int | None = None
         self.servers: set[int] = set()  # pids of the ServerApp processes seen below our SuperLink
@@ -111,18 +124,27 @@ class LocalRun:
 
     # --- start ------------------------------------------------------------------------------------
     def start_superlink(self, timeout: float = 60.0) -> Service:
-        """Start a simulation SuperLink like `flwr run` would, but owned (and stopped) by us."""
+        """Start a simulation SuperLink like `flwr run` would, but owned (and stopped) by us.
+
+        On ports of its own (free ones, handed to `flwr run` through Flower's FLWR_LOCAL_* variables) with an
+        in-memory state, so that no other `fedmeta run` finds it and joins: stopping it at the end of this run
+        would kill theirs. With --keep-superlink, on the configured ports, where later runs are meant to find it."""
         home = Path(self.env.get("FLWR_HOME", Path.home() / ".flwr"))
         log = home / "local-superlink" / "superlink.log"
+        database = str(home / "local-superlink" / "state.db")
+        if not self.keep_superlink:
+            self.env.update({name: free_port() for name in PORT_VARS})
+            log, database = log.with_name(f"superlink-{self.token}.log"), ":flwr-in-memory:"
         log.parent.mkdir(parents=True, exist_ok=True)
+        self.superlink_log = log
         cmd = [str(self.bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-               "--control-api-address", f"127.0.0.1:{local_port('FLWR_LOCAL_CONTROL_API_PORT', '39093')}",
-               "--host", "127.0.0.1", "--port", local_port("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"),
-               "--log-file", str(log), "--database", str(home / "local-superlink" / "state.db")]
+               "--control-api-address", f"127.0.0.1:{local_port('FLWR_LOCAL_CONTROL_API_PORT', self.env)}",
+               "--host", "127.0.0.1", "--port", local_port("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", self.env),
+               "--log-file", str(log), "--database", database]
         self.link = start("superlink", cmd, None, env=self.env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not superlink_running():
+        while not superlink_running(self.env):
             if not self.link.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"flower-superlink did not start; see {log}")
             time.sleep(0.2)
@@ -130,7 +152,7 @@ class LocalRun:
 
     def run(self) -> dict:
         """Start (SuperLink if needed and) `flwr run --stream`, stream its lines, return the run's status."""
-        if not superlink_running():
+        if not superlink_running(self.env):
             self.start_superlink()
         self.out.mkdir(parents=True, exist_ok=True)
         self.client = start("flwr run", self.flwr_cmd, None, env=self.env, stdout=subprocess.PIPE,
@@ -224,7 +246,7 @@ class LocalRun:
 
     def _flwr(self, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess | None:
         """`flwr ...` against the local SuperLink; only while one runs (`flwr` would start one otherwise)."""
-        if not superlink_running():
+        if not superlink_running(self.env):
             return None
         try:
             return subprocess.run([str(self.bin_dir / "flwr"), *args], env=self.env, capture_output=True, text=True,
@@ -261,6 +283,8 @@ class LocalRun:
                 while (left := marked(f"FEDMETA_RUN={self.token}")) and time.monotonic() < deadline:
                     signal_pids(left, signal.SIGKILL)
                     time.sleep(0.2)
+                if self.ended:  # the log of a SuperLink that served a run to its end tells nothing more
+                    self.superlink_log.unlink(missing_ok=True)
 
     def stopped(self) -> str:
         """What `close()` stopped, in words."""

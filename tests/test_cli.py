@@ -76,9 +76,20 @@ def test_exit_status_follows_the_status_file(tmp_path, capsys):
 
 
 def test_fedmeta_run_completes_and_cleans_up(env, tmp_path):
+    # a second, longer run starts while this one runs: each gets a SuperLink of its own, so stopping this
+    # run's at its end does not kill the other (it used to join this one's SuperLink and die with it)
+    other = subprocess.Popen([FEDMETA, "run", "--results-dir", str(tmp_path), "--name", "other", "-c",
+                              "num-rounds=6 local-iterations=20 eval-tasks=10 eval-steps=2"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     r = fedmeta(env, "run", "--results-dir", str(tmp_path), "--name", "ok", "-c", SMALL,
                 "--federation-config", "num-supernodes=3 client-resources-num-cpus=1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert other.poll() is None  # still running when this one has stopped its SuperLink
+    out, _ = other.communicate(timeout=300)
+    assert other.returncode == 0, out[-3000:]
+    links = {name: (tmp_path / name / "flwr.log").read_text().split("Using SuperLink: ")[1].split(")")[0]
+             for name in ("ok", "other")}
+    assert links["ok"] != links["other"], links
     run = load_run(tmp_path / "ok")
     assert run.status["status"] == "completed"
     assert list(run.rounds["round"]) == [1, 2] and (run.rounds["num_replies"] == 1).all()

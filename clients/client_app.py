@@ -73,8 +73,11 @@ def train(msg: Message, context: Context) -> Message:
     if wire.OPTIMIZER in msg.content.array_records:  # this partition's local Adam from its last round
         packed = msg.content[wire.OPTIMIZER].to_torch_state_dict().get(wire.OPTIMIZER)
         kept = None if packed is None else unpack_adam(packed, int(about[wire.OPTIMIZER_STEP]), meta_params)
+    correction = None
+    if wire.CORRECTION in msg.content.array_records:  # drift-correction: c - c_i (fedmeta.drift)
+        correction = dict(msg.content[wire.CORRECTION].to_torch_state_dict())
     out = local.train(c, meta_params, int(about[wire.SERVER_ROUND]), kept,
-                      lr_factor=float(about.get(wire.LR_FACTOR, 1.0)))
+                      lr_factor=float(about.get(wire.LR_FACTOR, 1.0)), correction=correction)
     key = wire.GRADIENT if c.cfg.fusion == "meta-gradient" else wire.ARRAYS
     metrics = {wire.WEIGHT: out.num_tasks, wire.NUM_TASKS: out.num_tasks, wire.TRAIN_LOSS: out.loss,
                wire.SECONDS: out.seconds, **_identity(c)}
@@ -82,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
     if c.cfg.keep_optimizer_state and out.optimizer_state is not None:
         packed, metrics[wire.OPTIMIZER_STEP] = pack_adam(out.optimizer_state)
         records[wire.OPTIMIZER] = ArrayRecord({wire.OPTIMIZER: packed})
+    if out.control is not None:
+        records[wire.CONTROL] = ArrayRecord(out.control)
     return Message(RecordDict({**records, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -45,6 +45,7 @@ TASK_SEED = 0  # the protocol's task sets: seed 0 + SEED_OFFSETS (central MAML's
 # FedMeta's tuned settings: the clients' Adam at 10 x the default rate, it and the server's rate cosine-annealed to
 # 1 % (a factor 0 in the last round makes every client's Adam refuse lr 0: that round would fail)
 TUNED = {"meta_lr": 0.01, "client_lr_schedule": "cosine", "server_lr_schedule": "cosine", "schedule_min_factor": 0.01}
+SCAFFOLD = {**TUNED, "drift_correction": "scaffold"}  # the same, each local meta-gradient drift-corrected
 ROBUST = {"median": {"aggregator": "median"},
           "trimmed-mean": {"aggregator": "trimmed-mean", "trim_fraction": 0.25},  # drops 2 of 8 at each end
           "clipped-mean": {"aggregator": "clipped-mean", "clip_multiple": 2.0},
@@ -62,7 +63,8 @@ class Variant:
 
     name: str
     group: str  # the main table's row: the group's candidate best on validation tasks
-    family: str  # "average" | "meta-gradient" | "baseline" | "byzantine" | "seed" (federated) | "central" (in-process)
+    family: str  # "average" | "meta-gradient" | "baseline" | "byzantine" | "seed" | "diagnostic" (federated);
+    # "central" (in-process)
     changes: dict = field(default_factory=dict)
     attack: Attack | None = None  # Byzantine rows: run with clients/attacks.py's ClientApp
     local: int | None = None  # local meta-iterations per round, if not --local ("average": rounds scale to match)
@@ -87,11 +89,13 @@ def _variants() -> dict[str, Variant]:
          Variant("fedmeta-local-10", "FedMeta, tuned", "average", TUNED, local=10),
          # fewer clients per round, proportionally more rounds: more sequential meta-steps at the same compute
          Variant("fedmeta-clients-4", "FedMeta, tuned", "average", {**TUNED, "fraction_train": 0.5}, clients=4),
-         Variant("fedmeta-clients-2", "FedMeta, tuned", "average", {**TUNED, "fraction_train": 0.25}, clients=2)]
+         Variant("fedmeta-clients-2", "FedMeta, tuned", "average", {**TUNED, "fraction_train": 0.25}, clients=2),
+         Variant("fedmeta-scaffold", "FedMeta + SCAFFOLD", "average", SCAFFOLD)]
     # the seed-spread table: FedMeta's tuned settings and central MAML, each trained again with other seeds and
     # scored on the same test tasks (seed 0 of each is the main table's fedmeta-tuned and maml.pt)
     for seed in SEEDS:
         v += [Variant(f"fedmeta-tuned-seed-{seed}", "seed spread", "seed", {**TUNED, "seed": seed}),
+              Variant(f"fedmeta-scaffold-seed-{seed}", "seed spread", "seed", {**SCAFFOLD, "seed": seed}),
               Variant(f"central-seed-{seed}", "seed spread", "central", {"seed": seed})]
     v += [Variant(f"fedavgm-{m}-{lr}", "FedAvgM (server momentum)", "average",
                   {**TUNED, "server_momentum": m, "server_lr": lr}) for m, lr in ((0.5, 0.5), (0.9, 0.1), (0.9, 0.2))]
@@ -104,7 +108,9 @@ def _variants() -> dict[str, Variant]:
           Variant("distributed-maml-cosine", "distributed MAML", "meta-gradient",
                   {"fusion": "meta-gradient", "server_lr": 0.003,
                    "server_lr_schedule": "cosine", "schedule_min_factor": 0.01}),
-          Variant("fedavg", "FedAvg + fine-tuning", "baseline", {"algorithm": "pretrain"})]
+          Variant("fedavg", "FedAvg + fine-tuning", "baseline", {"algorithm": "pretrain"}),
+          # what the non-IID slices cost: the tuned settings with every client drawing from the whole family
+          Variant("fedmeta-iid", "diagnostic: IID clients", "diagnostic", {**TUNED, "partition": "iid"})]
     for a, c in AGGREGATORS.items():
         v.append(Variant(f"byz-{a}-honest", a, "byzantine", {**TUNED, **c}, Attack()))
         v += [Variant(f"byz-{a}-{p}", a, "byzantine", {**TUNED, **c, "weight_policy": p}, ATTACK) for p in POLICIES]
@@ -297,6 +303,8 @@ def settings_text(v: Variant) -> str:
     parts += [] if c.keep_optimizer_state else ["fresh client Adam each round"]
     parts += [] if c.aggregator == "mean" else [c.aggregator]
     parts += [f"fraction-train {c.fraction_train:g}"] if c.fraction_train < 1 else []
+    parts += [f"{c.partition} partitions"] if c.partition != "non-iid" else []
+    parts += [f"{c.drift_correction.upper()} drift correction"] if c.drift_correction != "none" else []
     parts += [f"seed {c.seed}"] if c.seed else []
     return ", ".join(parts)
 
@@ -338,25 +346,41 @@ def tuning_table(scores: dict, chosen: set[str], central: dict, args: Settings) 
                                   "validation mean 10 (diverged)", "test mean 10 (diverged)"], body)
 
 
+SEED_ROWS = {"FedMeta tuned": "fedmeta-tuned", "FedMeta + SCAFFOLD": "fedmeta-scaffold"}  # seed 0's runs
+
+
 def seed_table(scores: dict, central: dict) -> list[str]:
-    """FedMeta tuned against central MAML, seed by seed (seed 0: the main table's runs), on the same 600 test
-    tasks, and the mean over the seeds both have: the seed spread the main table's single-seed gap sits in."""
-    runs = {0: (scores.get("fedmeta-tuned"), central or None)}
-    runs |= {s: (scores.get(f"fedmeta-tuned-seed-{s}"), scores.get(f"central-seed-{s}")) for s in SEEDS}
-    body, fed_means, central_means = [], [], []
-    for seed, (fed, cen) in runs.items():
-        if fed is None or cen is None:
+    """FedMeta (tuned, and with SCAFFOLD) against central MAML, seed by seed (seed 0: the main table's runs), on
+    the same 600 test tasks, and the mean over the seeds that all have: the seed spread a single-seed gap sits in."""
+    runs = {0: [scores.get(n) for n in SEED_ROWS.values()] + [central or None]}
+    runs |= {s: [scores.get(f"{n}-seed-{s}") for n in SEED_ROWS.values()] + [scores.get(f"central-seed-{s}")]
+             for s in SEEDS}
+    body, means = [], []
+    for seed, rows in runs.items():
+        if any(r is None for r in rows):
             continue
-        f, c = at(fed["test"], 10), at(cen["test"], 10)
-        fed_means.append(f["loss"])
-        central_means.append(c["loss"])
-        body.append([str(seed), f"{f['loss']:.3f} ({f['diverged']})", f"{c['loss']:.3f} ({c['diverged']})",
-                     f"{f['loss'] / c['loss'] - 1:+.1%}"])
+        losses = [at(r["test"], 10)["loss"] for r in rows]
+        means.append(losses)
+        body.append([str(seed), *(f"{x:.3f} ({at(r['test'], 10)['diverged']})" for x, r in zip(losses, rows)),
+                     *(f"{x / losses[-1] - 1:+.1%}" for x in losses[:-1])])
     if len(body) > 1:
-        fm, cm = sum(fed_means) / len(fed_means), sum(central_means) / len(central_means)
-        body.append([f"mean of {len(body)}", f"{fm:.3f}", f"{cm:.3f}", f"{fm / cm - 1:+.1%}"])
-    return tables.markdown_table(["seed", "FedMeta tuned: mean MSE 10 (diverged)",
-                                  "central MAML: mean MSE 10 (diverged)", "FedMeta vs central"], body)
+        m = [sum(col) / len(col) for col in zip(*means)]
+        body.append([f"mean of {len(body)}", *(f"{x:.3f}" for x in m), *(f"{x / m[-1] - 1:+.1%}" for x in m[:-1])])
+    return tables.markdown_table(["seed", *(f"{n}: mean MSE 10 (diverged)" for n in SEED_ROWS),
+                                  "central MAML: mean MSE 10 (diverged)", *(f"{n} vs central" for n in SEED_ROWS)],
+                                 body)
+
+
+def diagnostic_lines(scores: dict, central: dict) -> list[str]:
+    """The diagnostic federations (not candidates: another data split) against central MAML, one line each."""
+    out = []
+    for name, s in scores.items():
+        if VARIANTS[name].family == "diagnostic" and central:
+            t, ref = at(s["test"], 10), at(central["test"], 10)["loss"]
+            out.append(f"Diagnostic, {VARIANTS[name].group} ({name}: {settings_text(VARIANTS[name])}, the same compute): "
+                       f"test mean MSE 10 {t['loss']:.3f} ({t['diverged']} diverged), {t['loss'] / ref - 1:+.1%} vs "
+                       f"central MAML.")
+    return out
 
 
 def byzantine_table(scores: dict, records: dict) -> list[str]:
@@ -419,9 +443,10 @@ def main(argv: list[str] | None = None) -> dict:
              *main_table(scores, records, reach, central, args), "",
              "Every candidate (the chosen one per group: lowest validation mean after 10 steps, no diverged task):",
              "", *tuning_table(scores, set(chosen.values()), central, args), "",
-             (f"Seed spread: FedMeta's tuned settings and central MAML trained again with seeds {list(SEEDS)} "
+             (f"Seed spread: FedMeta's tuned settings (without and with SCAFFOLD) and central MAML trained again "
+              f"with seeds {list(SEEDS)} "
               "(seed 0: the rows above), the same compute each, scored on the same 600 test tasks:"), "",
-             *seed_table(scores, central), "",
+             *seed_table(scores, central), "", *diagnostic_lines(scores, central), "",
              (f"Byzantine table: {args.byz_rounds} rounds × {args.local} × {TRAIN_CLIENTS} = "
               f"{args.byz_rounds * args.local * TRAIN_CLIENTS} client meta-iterations, FedMeta's tuned settings; "
               f"partitions {list(ATTACK.flip)} send sign-flipped ×{ATTACK.scale:g} updates, partition "
@@ -449,10 +474,12 @@ def central_row() -> dict:
 
 
 def ship(scores: dict, chosen: dict, runs: Path, out: Path) -> dict[str, str]:
-    """The best model of each fusion family (lowest validation mean after 10 steps) as <out>/<family>.pt."""
+    """The best model of each fusion family (lowest validation mean after 10 steps) as <out>/<family>.pt; for
+    "average", the seed table's federations (all of that family) compete too: another seed is another model."""
     shipped = {}
     for family in ("average", "meta-gradient"):
-        names = [n for n in chosen.values() if VARIANTS[n].family == family and math.isfinite(val10(scores[n]))]
+        pool = [*chosen.values(), *(n for n in scores if VARIANTS[n].family == "seed" and family == "average")]
+        names = [n for n in pool if VARIANTS[n].family in (family, "seed") and math.isfinite(val10(scores[n]))]
         if names:
             best = min(names, key=lambda n: val10(scores[n]))
             if (runs / best / "model.pt").exists():  # else (a clone without the git-ignored runs) it is shipped

@@ -27,6 +27,7 @@ SERVER_OPTIMIZERS = ("auto", "sgd", "adam", "yogi", "adagrad")
 SCHEDULES = ("constant", "step", "cosine")
 PARTITIONS = ("non-iid", "iid")
 DEVICES = ("cpu", "cuda", "auto")
+DRIFT_CORRECTIONS = ("none", "scaffold")
 OMNIGLOT_DRAWINGS = 20  # drawings per character: support + query per class cannot exceed it
 
 
@@ -90,6 +91,9 @@ class Config:
     # sends it with the partition's next TRAIN message and stores it in checkpoints); False: a fresh
     # Adam every round, whose first steps are sign-like (lr per coordinate) whatever the gradient noise
     keep_optimizer_state: bool = True
+    # "scaffold": each local meta-gradient g becomes g - c_i + c, the partition's and the federation's
+    # control variates (Karimireddy et al. 2020), against the drift of non-IID partitions (fedmeta/drift.py)
+    drift_correction: str = "none"
     fraction_train: float = 1.0
     min_train_nodes: int = 1  # training partitions sampled per round at least (held-out ones never count)
     min_train_replies: int = 1  # fewer valid replies in a round: the model stays unchanged (recorded)
@@ -142,7 +146,8 @@ class Config:
                   "partition": PARTITIONS, "device": DEVICES,
                   "omniglot_split": ("character", "alphabet"), "aggregator": AGGREGATORS,
                   "weight_policy": WEIGHT_POLICIES, "server_optimizer": SERVER_OPTIMIZERS,
-                  "server_lr_schedule": SCHEDULES, "client_lr_schedule": SCHEDULES}
+                  "server_lr_schedule": SCHEDULES, "client_lr_schedule": SCHEDULES,
+                  "drift_correction": DRIFT_CORRECTIONS}
         for name, allowed in choice.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_key(name)} = {getattr(self, name)!r}: must be one of {allowed}")
@@ -199,6 +204,9 @@ class Config:
         if self.fusion == "meta-gradient" and self.algorithm in ("lstm", "reptile", "pretrain"):
             raise ConfigError(f"fusion = 'meta-gradient' needs a one-step meta-gradient; algorithm = "
                               f"{self.algorithm!r} supports fusion = 'average' only")
+        if self.drift_correction != "none" and (self.fusion != "average" or self.algorithm == "lstm"):
+            raise ConfigError(f"drift-correction = {self.drift_correction!r} corrects the local meta-gradients of "
+                              f"fusion = 'average'; not fusion = {self.fusion!r} with algorithm = {self.algorithm!r}")
         if self.task == "omniglot":
             for a, b, total in (("shots", "query_shots", self.shots + self.query_shots),
                                 ("eval_shots", "eval_query_shots", self.eval_shots + self.eval_query)):

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from . import algorithms, devices, partition, seeding
+from . import algorithms, devices, drift, partition, seeding
 from .algorithms import Algorithm
 from .config import Config
 from .optim import Params
@@ -77,13 +77,16 @@ class TrainResult:
     loss: float
     seconds: float
     optimizer_state: dict | None = None  # the local Adam after the round ("average"), to keep
+    control: Params | None = None  # drift-correction: the partition's new control variate (fedmeta.drift)
 
 
 def train(c: Client, meta_params: Params, server_round: int, optimizer_state: dict | None = None,
-          lr_factor: float = 1.0) -> TrainResult:
+          lr_factor: float = 1.0, correction: Params | None = None) -> TrainResult:
     """Local meta-training for one round starting from the global meta-parameters (and, if given,
     the local Adam state the client kept from its previous round), on the algorithm's device, with
-    the local Adam's learning rate meta-lr x `lr_factor` (the round's client-lr-schedule factor)."""
+    the local Adam's learning rate meta-lr x `lr_factor` (the round's client-lr-schedule factor).
+    `correction` (drift-correction = 'scaffold'): c - c_i, added to every local meta-gradient; the
+    result then carries the partition's new control variate."""
     t0 = time.perf_counter()
     cfg, device = c.cfg, c.algo.device
     episodes = train_episodes(cfg, c.source, c.partition_id, server_round, cfg.local_iterations, c.algo)
@@ -93,13 +96,17 @@ def train(c: Client, meta_params: Params, server_round: int, optimizer_state: di
         grads, losses = zip(*(c.algo.meta_gradient(meta_params, ep.to(device)) for ep in episodes))
         arrays = {k: torch.stack([g[k] for g in grads]).mean(0) for k in meta_params}
         loss = sum(losses) / len(losses)
+        control = None
     else:
+        correct = None if correction is None else drift.Corrected(devices.to(correction, device))
         arrays, optimizer_state, curve = c.algo.train(meta_params, devices.to(optimizer_state, device),
                                                       lambda i: episodes[i].to(device), len(episodes),
-                                                      lr=cfg.meta_lr * lr_factor)
+                                                      lr=cfg.meta_lr * lr_factor, correct=correct)
         loss = sum(curve) / len(curve)
+        control = None if correct is None else devices.cpu(correct.control())
     tasks = sum(ep.num_tasks for ep in episodes)
-    return TrainResult(devices.cpu(arrays), tasks, loss, time.perf_counter() - t0, devices.cpu(optimizer_state))
+    return TrainResult(devices.cpu(arrays), tasks, loss, time.perf_counter() - t0, devices.cpu(optimizer_state),
+                       control)
 
 
 @dataclass(frozen=True)

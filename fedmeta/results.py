@@ -136,12 +136,15 @@ class RunWriter:
             self._append("clients.csv", CLIENT_COLUMNS, rows)
 
     def save_checkpoint(self, server_round: int, params: Params, fusion: dict[str, Any],
-                        clients: dict[int, dict[str, Any]]) -> Path:
+                        clients: dict[int, dict[str, Any]], controls: dict[str, Any] | None = None) -> Path:
         """Everything round `server_round + 1` depends on: the global meta-parameters, the fusion's state
-        (server optimizer, norm-guard history) and each partition's kept local optimizer state."""
+        (server optimizer, norm-guard history), each partition's kept local optimizer state and, with
+        drift-correction, each partition's control variate."""
         path = self.dir / "checkpoints" / f"round-{server_round:04d}.pt"
         payload = {"format": CHECKPOINT_FORMAT, "round": server_round, "params": _cpu(params), "fusion": fusion,
                    "clients": clients, "config": self.cfg.to_mapping()}
+        if controls is not None:
+            payload["controls"] = controls
         atomic_write(path, lambda f: torch.save(payload, f))
         return path
 

@@ -5,6 +5,8 @@
 ARRAYS = "arrays"  # ArrayRecord: meta-parameters (server -> client, client -> server in "average")
 GRADIENT = "meta-gradient"  # ArrayRecord: client -> server in "meta-gradient" fusion
 OPTIMIZER = "optimizer-state"  # ArrayRecord {OPTIMIZER: 1-D}: a partition's kept local Adam (fedmeta.optim.pack_adam)
+CORRECTION = "drift-correction"  # ArrayRecord, server -> client: c - c_i, shaped like ARRAYS (fedmeta.drift)
+CONTROL = "control-variate"  # ArrayRecord, client -> server: the partition's new c_i, shaped like ARRAYS
 CONFIG = "config"  # ConfigRecord: the run config (the kebab-case Config mapping), the same for every message
 ROUND = "round"  # ConfigRecord: what this message is about (the keys below)
 METRICS = "metrics"  # MetricRecord

@@ -38,6 +38,11 @@ class ClientStates:
             return None
         return {"step": self.steps[row], "tensors": {k: b[row].view(self.shapes[k]) for k, b in self.buffers.items()}}
 
+    def total(self) -> dict[str, torch.Tensor]:
+        """name -> the sum over partitions of the kept tensors, flattened ((numel,), float64); {} when none."""
+        n = len(self.steps)
+        return {k: b[:n].to(torch.float64).sum(0) for k, b in self.buffers.items()} if n else {}
+
     def update(self, states: dict[int, dict[str, Any]]) -> None:
         """Keep these partitions' states (replacing earlier ones); every state has the same names, shapes and
         dtypes (the strategy checked them against the global model), else ValueError."""

@@ -34,6 +34,7 @@ from fedmeta.optim import Params, packed_adam_like
 from fedmeta.results import RunWriter
 
 from .client_states import ClientStates
+from .controls import NoControls
 from .fusion import Fusion, FusionError, Rejected, check_preconditions, check_size, client_lr_factor, validate
 from .roster import NodeInfo, Roster, Target
 from .sampling import sample_clients
@@ -77,13 +78,15 @@ class FedMeta:
 
     def __init__(self, cfg: Config, fusion: Fusion, writer: RunWriter | None = None,
                  server_eval: Callable[[Params], dict[str, float]] | None = None,
-                 clients: ClientStates | None = None, roster: Roster | None = None) -> None:
+                 clients: ClientStates | None = None, roster: Roster | None = None,
+                 controls: NoControls | None = None) -> None:
         self.cfg = cfg
         self.fusion = fusion
         self.writer = writer
         self.server_eval = server_eval
         self.clients = clients or ClientStates()
         self.roster = roster or Roster(cfg)
+        self.controls = controls or NoControls()  # drift-correction (strategies/controls.py)
         self.reply_key = wire.GRADIENT if cfg.fusion == "meta-gradient" else wire.ARRAYS
         self.run_config = ConfigRecord(cfg.to_mapping())  # one record, shared by every message
         self.totals = {"rounds_run": 0, "fused": 0, "failed_clients": 0, "rejected_clients": 0, "ignored_replies": 0}
@@ -95,11 +98,12 @@ class FedMeta:
         log(INFO, "configure_train: %d of %d training partitions", len(sampled), len(self.roster.training()))
         arrays = ArrayRecord(params)  # one record: Flower stores and sends identical content once
         factor = client_lr_factor(self.cfg, state.server_round)
+        self.controls.begin_round(params, len(self.roster.training()))
         out = []
         for p in sampled:
             target = self.roster.target(p)
             extra = {wire.LR_FACTOR: factor}
-            content = {wire.ARRAYS: arrays}
+            content = {wire.ARRAYS: arrays, **self.controls.outgoing(p)}
             kept = self.clients.get(p) if self.cfg.keep_optimizer_state else None
             if kept is not None:
                 content[wire.OPTIMIZER] = ArrayRecord(kept["tensors"])
@@ -110,10 +114,12 @@ class FedMeta:
     def aggregate_train(self, state: RoundState, params: Params, delivery: Delivery) -> tuple[Params, RoundState]:
         """Check every reply, fuse the valid ones (at least min-train-replies), keep their optimizer state."""
         rows, valid, new_states = self._rows(state, "train", delivery)
+        new_controls = {}
         for target, reply in delivery.replies:
             row = rows[target]
             try:
                 tensors, weight, metrics, kept = self._parse_train(reply, params)
+                control = self.controls.parse(reply.content, params)
             except Rejected as err:
                 row.update(status="rejected", reason=str(err))
                 log(WARNING, "round %d: rejected the reply of node %d (partition %s): %s", state.server_round,
@@ -122,6 +128,8 @@ class FedMeta:
             valid.append((tensors, float(weight), float(metrics.get(wire.TRAIN_LOSS, math.nan))))
             if kept is not None:
                 new_states[target.partition] = kept
+            if control is not None:
+                new_controls[target.partition] = control
             row.update(weight=float(weight), num_tasks=metrics.get(wire.NUM_TASKS),
                        loss=metrics.get(wire.TRAIN_LOSS), seconds=metrics.get(wire.SECONDS))
         num_replies = len(delivery.replies)
@@ -138,7 +146,8 @@ class FedMeta:
         except FusionError as err:  # too few replies for the aggregator, or a non-finite step: nothing applied
             log(WARNING, "round %d: not fused (%s); the global model is unchanged", state.server_round, err)
             return params, state
-        self.clients.update(new_states)  # only a fused round's optimizer states are kept
+        self.clients.update(new_states)  # only a fused round's optimizer states (and control variates) are kept
+        self.controls.keep(new_controls, state.server_round)
         total = math.fsum(w for _, w, _ in valid)
         return out.params, state.with_row(fused=1, train_loss=math.fsum(w * loss for _, w, loss in valid) / total,
                                           **out.info)
@@ -308,7 +317,8 @@ class FedMeta:
             self.writer.append_clients(list(state.clients))
             self.writer.append_round(row)
             if rnd % self.cfg.checkpoint_every == 0 or rnd == self.cfg.num_rounds:
-                self.writer.save_checkpoint(rnd, params, self.fusion.state_dict(), self.clients.state_dict())
+                self.writer.save_checkpoint(rnd, params, self.fusion.state_dict(), self.clients.state_dict(),
+                                            self.controls.state_dict())
         done = rnd - first_round + 1
         eta = elapsed / done * (self.cfg.num_rounds - rnd)
         keys = ("train_loss", "eval_loss_post", "eval_accuracy_post")

@@ -27,6 +27,7 @@ from fedmeta.config import Config
 from fedmeta.optim import Params
 from fedmeta.results import CheckpointError, RunWriter, latest_checkpoint, load_checkpoint
 
+from .controls import NoControls, build_controls
 from .fedmeta_strategy import ClientStates, FedMeta
 from .fusion import Fusion, build_fusion
 
@@ -71,8 +72,10 @@ def server_app(cfg: Config) -> ServerApp:
     return bound
 
 
-def resume_state(cfg: Config, init: Params, fusion: Fusion, clients: ClientStates) -> tuple[Params, int]:
-    """The global model and first round of a resumed run; restores the fusion's and the clients' state.
+def resume_state(cfg: Config, init: Params, fusion: Fusion, clients: ClientStates,
+                 controls: NoControls | None = None) -> tuple[Params, int]:
+    """The global model and first round of a resumed run; restores the fusion's and the clients' state (and
+    the control variates of drift-correction; a checkpoint without them resumes with none kept).
     A directory resumes from its newest checkpoint that loads; skipped ones are logged with the reason."""
     path, skipped = latest_checkpoint(cfg.resume)
     for reason in skipped:
@@ -86,6 +89,8 @@ def resume_state(cfg: Config, init: Params, fusion: Fusion, clients: ClientState
     try:
         fusion.load_state_dict(ckpt["fusion"])
         clients.load_state_dict(ckpt["clients"])
+        if controls is not None:
+            controls.load_state_dict(ckpt.get("controls"))
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: its fusion state does not fit this run's fusion settings: {err}") from err
     log(INFO, "resuming from %s (round %d)%s", path, ckpt["round"], f", newer ones skipped: {len(skipped)}"
@@ -120,12 +125,12 @@ def serve(grid: Grid, cfg: Config) -> None:
     log(INFO, "config: %s", cfg.to_mapping())
     with failing_on_sigterm():
         try:
-            fusion, clients = build_fusion(cfg), ClientStates()
+            fusion, clients, controls = build_fusion(cfg), ClientStates(), build_controls(cfg)
             params = algorithms.build(cfg.replace(device="cpu")).init(seeding.generator(cfg.seed, "init"))
             first_round = 1
             if cfg.resume:
-                params, first_round = resume_state(cfg, params, fusion, clients)
-            strategy = FedMeta(cfg, fusion, writer, server_evaluator(cfg), clients)
+                params, first_round = resume_state(cfg, params, fusion, clients, controls)
+            strategy = FedMeta(cfg, fusion, writer, server_evaluator(cfg), clients, controls=controls)
             final = strategy.start(grid, params, first_round)
             writer.save_model(final, cfg.num_rounds)
             status, info = strategy.outcome() if first_round <= cfg.num_rounds else ("completed", {})

@@ -1,7 +1,7 @@
 """Exact resume after a real kill: a simulation whose process group is SIGKILLed after round 2, resumed
 from its run directory (the newest valid checkpoint), ends bit-identical to the uninterrupted run, in
-"average" fusion (clients' kept Adam state travels in the checkpoint) and in "meta-gradient" fusion
-(server Adam)."""
+"average" fusion (clients' kept Adam state and SCAFFOLD control variates travel in the checkpoint) and in
+"meta-gradient" fusion (server Adam)."""
 
 import json
 import os
@@ -52,7 +52,7 @@ def simulate(cfg: Config, kill_after: str | None = None, timeout: float = 300) -
 def test_killed_run_resumes_bit_identical(fusion, tmp_path):
     cfg = Config(fusion=fusion, num_rounds=5, local_iterations=3 if fusion == "average" else 1, meta_batch_size=4,
                  heldout_partitions=1, eval_tasks=4, eval_steps=1, server_lr=0.01 if fusion != "average" else 0.0,
-                 results_dir=str(tmp_path))
+                 drift_correction="scaffold" if fusion == "average" else "none", results_dir=str(tmp_path))
     simulate(cfg.replace(run_name="whole"))
     simulate(cfg.replace(run_name="killed"), kill_after=str(tmp_path / "killed" / "checkpoints" / "round-0003.pt"))
     killed = load_run(tmp_path / "killed")

@@ -128,12 +128,14 @@ class Algorithm:
 
     def train(self, meta_params: Params, opt_state: dict | None,
               sample: Callable[[int], Episode], iterations: int, reduce: Reduce | None = None,
-              share: slice | None = None, lr: float | None = None) -> tuple[Params, dict, list[float]]:
+              share: slice | None = None, lr: float | None = None,
+              correct: Callable[[Params], Params] | None = None) -> tuple[Params, dict, list[float]]:
         """`iterations` Adam steps (learning rate `lr`, default meta-lr) on meta-gradients of episodes
         `sample(i)`; returns the loss curve.
 
         Distributed (fedmeta.distributed): this process keeps the tasks `share` of each episode and
-        `reduce` combines its meta-gradient and loss with the other processes' before the step."""
+        `reduce` combines its meta-gradient and loss with the other processes' before the step.
+        `correct`: maps each (reduced) meta-gradient to the one Adam steps (drift correction, fedmeta.drift)."""
         opt_state = adam_init(meta_params) if opt_state is None else opt_state
         lr = self.cfg.meta_lr if lr is None else lr
         curve = []
@@ -142,6 +144,8 @@ class Algorithm:
             grads, loss = self.meta_gradient(meta_params, episode)
             if reduce is not None:
                 grads, loss = reduce(grads, loss, episode.num_tasks)
+            if correct is not None:
+                grads = correct(grads)
             meta_params, opt_state = adam_step(meta_params, grads, opt_state, lr)
             curve.append(loss)
         return meta_params, opt_state, curve

@@ -219,12 +219,15 @@ class LSTMOptimizer(Algorithm):
 
     def train(self, meta_params: Params, opt_state: dict | None,
               sample: Callable[[int], Episode], iterations: int, reduce: Reduce | None = None,
-              share: slice | None = None, lr: float | None = None) -> tuple[Params, dict, list[float]]:
+              share: slice | None = None, lr: float | None = None,
+              correct: Callable[[Params], Params] | None = None) -> tuple[Params, dict, list[float]]:
         """`iterations` batches of problems, each optimised for lstm-horizon steps with one Adam step
         (`lr`, default meta-lr) per unroll of lstm-unroll steps. The curve holds, per iteration, the mean over
         tasks and horizon steps of the optimizee loss. Fresh optimizee starts are seeded by
         (cfg.seed, Adam step count), so repeated calls continue the stream deterministically.
         `reduce`, `share`: as `Algorithm.train` (the starts are drawn for the whole batch, then shared)."""
+        if correct is not None:  # Config refuses drift-correction with algorithm = 'lstm'
+            raise ValueError("the LSTM optimizer's unrolled steps take no drift correction")
         self.check_meta(meta_params)
         opt_state = adam_init(meta_params) if opt_state is None else opt_state
         lr = self.cfg.meta_lr if lr is None else lr

@@ -110,7 +110,7 @@ def _variants() -> dict[str, Variant]:
                    "server_lr_schedule": "cosine", "schedule_min_factor": 0.01}),
           Variant("fedavg", "FedAvg + fine-tuning", "baseline", {"algorithm": "pretrain"}),
           # what the non-IID slices cost: the tuned settings with every client drawing from the whole family
-          Variant("fedmeta-iid", "diagnostic: IID clients", "diagnostic", {**TUNED, "partition": "iid"})]
+          Variant("fedmeta-iid", "IID clients", "diagnostic", {**TUNED, "partition": "iid"})]
     for a, c in AGGREGATORS.items():
         v.append(Variant(f"byz-{a}-honest", a, "byzantine", {**TUNED, **c}, Attack()))
         v += [Variant(f"byz-{a}-{p}", a, "byzantine", {**TUNED, **c, "weight_policy": p}, ATTACK) for p in POLICIES]

@@ -86,6 +86,8 @@ FUSED = {
     "fedmeta-slr2": {"server_optimizer": "sgd", "server_lr": 2.0},  # twice the averaged step (extrapolation)
     "fedmeta-r2-l05": {"rounds_x": 2, "local_x": 0.5},  # 120 rounds of 5 local iterations: less client drift
     "fedmeta-r2-c05": {"rounds_x": 2, "fraction_x": 0.5},  # 120 rounds of 3 clients: twice the sequential depth
+    "fedmeta-scaffold": {"drift_correction": "scaffold"},  # SCAFFOLD control variates against alphabet drift
+    "fedmeta-r2-c05-scaffold": {"rounds_x": 2, "fraction_x": 0.5, "drift_correction": "scaffold"},
 }
 SPLIT = ("rounds_x", "local_x", "fraction_x")  # FUSED keys that re-split the budget (not Config fields)
 FEDMETA_FAMILY = ("fedmeta", *FUSED)  # the "average"-fusion MAML federations the goal compares with central

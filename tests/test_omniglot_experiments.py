@@ -132,7 +132,7 @@ def test_central_budget_matches_the_federation_and_fused_variants_change_only_ra
         cfg = omniglot_federated.variant_config(base, name, args)
         changed = {k for k, x in cfg.to_mapping().items() if plain[k] != x}
         assert changed and changed <= {"meta-lr", "client-lr-schedule", "server-lr-schedule", "server-optimizer",
-                                       "server-lr", "server-momentum", *split}, (name, changed)
+                                       "server-lr", "server-momentum", "drift-correction", *split}, (name, changed)
         # every variant spends the same client meta-iterations: rounds x sampled clients x local iterations
         sampled = math.ceil(cfg.fraction_train * args.train_clients)
         assert cfg.num_rounds * sampled * cfg.local_iterations == 3600, name

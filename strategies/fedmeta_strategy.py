@@ -4,8 +4,9 @@ One round, as data (Chen et al. 2018, "Federated Meta-Learning with Fast Converg
 Communication"; distributed MAML for fusion = "meta-gradient"):
 
     Roster.refresh -> sample_clients (seeded, training partitions only) -> TRAIN messages (global
-    meta-parameters, the run config, the partition's kept optimizer state) -> replies, each counted
-    once (`deliver`) -> size budget, then `fusion.validate` before any arithmetic -> `Fusion.fuse`
+    meta-parameters, the run config, the partition's kept optimizer state and, with drift-correction, its
+    c - c_i) -> replies, each counted once (`deliver`) -> size budget, then `fusion.validate` before any
+    arithmetic (and the reply's c_i, `controls.py`) -> `Fusion.fuse`
     (weight policy -> aggregator -> norm guard -> server optimizer), unless fewer than
     min-train-replies are valid -> EVALUATE messages to the held-out partitions -> one end-of-round
     step: rows in rounds.csv / clients.csv, a checkpoint, a progress line.

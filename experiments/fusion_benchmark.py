@@ -90,12 +90,16 @@ def _variants() -> dict[str, Variant]:
          # fewer clients per round, proportionally more rounds: more sequential meta-steps at the same compute
          Variant("fedmeta-clients-4", "FedMeta, tuned", "average", {**TUNED, "fraction_train": 0.5}, clients=4),
          Variant("fedmeta-clients-2", "FedMeta, tuned", "average", {**TUNED, "fraction_train": 0.25}, clients=2),
-         Variant("fedmeta-scaffold", "FedMeta + SCAFFOLD", "average", SCAFFOLD)]
+         Variant("fedmeta-scaffold", "FedMeta + SCAFFOLD", "average", SCAFFOLD),
+         Variant("fedmeta-scaffold-lr-0.005", "FedMeta + SCAFFOLD", "average", {**SCAFFOLD, "meta_lr": 0.005}),
+         Variant("fedmeta-scaffold-local-10", "FedMeta + SCAFFOLD", "average", SCAFFOLD, local=10)]
     # the seed-spread table: FedMeta's tuned settings and central MAML, each trained again with other seeds and
     # scored on the same test tasks (seed 0 of each is the main table's fedmeta-tuned and maml.pt)
     for seed in SEEDS:
         v += [Variant(f"fedmeta-tuned-seed-{seed}", "seed spread", "seed", {**TUNED, "seed": seed}),
               Variant(f"fedmeta-scaffold-seed-{seed}", "seed spread", "seed", {**SCAFFOLD, "seed": seed}),
+              Variant(f"fedmeta-scaffold-local-10-seed-{seed}", "seed spread", "seed", {**SCAFFOLD, "seed": seed},
+                      local=10),
               Variant(f"central-seed-{seed}", "seed spread", "central", {"seed": seed})]
     v += [Variant(f"fedavgm-{m}-{lr}", "FedAvgM (server momentum)", "average",
                   {**TUNED, "server_momentum": m, "server_lr": lr}) for m, lr in ((0.5, 0.5), (0.9, 0.1), (0.9, 0.2))]
@@ -346,7 +350,8 @@ def tuning_table(scores: dict, chosen: set[str], central: dict, args: Settings) 
                                   "validation mean 10 (diverged)", "test mean 10 (diverged)"], body)
 
 
-SEED_ROWS = {"FedMeta tuned": "fedmeta-tuned", "FedMeta + SCAFFOLD": "fedmeta-scaffold"}  # seed 0's runs
+SEED_ROWS = {"FedMeta tuned": "fedmeta-tuned", "FedMeta + SCAFFOLD": "fedmeta-scaffold",  # seed 0's runs
+             "FedMeta + SCAFFOLD, 10 local": "fedmeta-scaffold-local-10"}
 
 
 def seed_table(scores: dict, central: dict) -> list[str]:

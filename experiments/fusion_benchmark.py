@@ -53,6 +53,9 @@ ROBUST = {"median": {"aggregator": "median"},
 AGGREGATORS = {"mean": {"aggregator": "mean"}, **ROBUST}
 POLICIES = ("claimed", "equal", "capped")  # capped: weight-cap 3 x the round's median claim
 SEEDS = (1, 2)  # the seed-spread table's other seeds
+# the seed-spread table's federations: its column -> the seed-0 run (its seed-N runs are "<run>-seed-N")
+SEED_ROWS = {"FedMeta tuned": "fedmeta-tuned", "FedMeta + SCAFFOLD": "fedmeta-scaffold",
+             "FedMeta + SCAFFOLD, 10 local": "fedmeta-scaffold-local-10"}
 MAIN = ("average", "meta-gradient", "baseline")  # the families of the main table (the others have tables of their own)
 ATTACK = Attack(flip=(0, 1), scale=10.0, inflate=(2,), factor=100.0)  # partition 2: amplitudes 4.51-5.0
 
@@ -93,14 +96,13 @@ def _variants() -> dict[str, Variant]:
          Variant("fedmeta-scaffold", "FedMeta + SCAFFOLD", "average", SCAFFOLD),
          Variant("fedmeta-scaffold-lr-0.005", "FedMeta + SCAFFOLD", "average", {**SCAFFOLD, "meta_lr": 0.005}),
          Variant("fedmeta-scaffold-local-10", "FedMeta + SCAFFOLD", "average", SCAFFOLD, local=10)]
-    # the seed-spread table: FedMeta's tuned settings and central MAML, each trained again with other seeds and
-    # scored on the same test tasks (seed 0 of each is the main table's fedmeta-tuned and maml.pt)
+    # the seed-spread table: SEED_ROWS's federations and central MAML, each trained again with other seeds and
+    # scored on the same test tasks (seed 0 of each is the main table's run and maml.pt)
+    base = {x.name: x for x in v}
     for seed in SEEDS:
-        v += [Variant(f"fedmeta-tuned-seed-{seed}", "seed spread", "seed", {**TUNED, "seed": seed}),
-              Variant(f"fedmeta-scaffold-seed-{seed}", "seed spread", "seed", {**SCAFFOLD, "seed": seed}),
-              Variant(f"fedmeta-scaffold-local-10-seed-{seed}", "seed spread", "seed", {**SCAFFOLD, "seed": seed},
-                      local=10),
-              Variant(f"central-seed-{seed}", "seed spread", "central", {"seed": seed})]
+        v += [Variant(f"{n}-seed-{seed}", "seed spread", "seed", {**base[n].changes, "seed": seed}, local=base[n].local,
+                      clients=base[n].clients) for n in SEED_ROWS.values()]
+        v.append(Variant(f"central-seed-{seed}", "seed spread", "central", {"seed": seed}))
     v += [Variant(f"fedavgm-{m}-{lr}", "FedAvgM (server momentum)", "average",
                   {**TUNED, "server_momentum": m, "server_lr": lr}) for m, lr in ((0.5, 0.5), (0.9, 0.1), (0.9, 0.2))]
     for opt, lrs in (("adam", (0.01, 0.03, 0.1)), ("yogi", (0.01, 0.03, 0.1)), ("adagrad", (0.03, 0.1, 0.3))):
@@ -348,10 +350,6 @@ def tuning_table(scores: dict, chosen: set[str], central: dict, args: Settings) 
     body += [["central MAML", "maml.pt", "(the reference)", "70000 its", *cells(central)]] if central else []
     return tables.markdown_table(["group", "run", "settings", "rounds × local × clients",
                                   "validation mean 10 (diverged)", "test mean 10 (diverged)"], body)
-
-
-SEED_ROWS = {"FedMeta tuned": "fedmeta-tuned", "FedMeta + SCAFFOLD": "fedmeta-scaffold",  # seed 0's runs
-             "FedMeta + SCAFFOLD, 10 local": "fedmeta-scaffold-local-10"}
 
 
 def seed_table(scores: dict, central: dict) -> list[str]:

@@ -24,7 +24,7 @@ from fedmeta.config import Config
 from fedmeta.optim import Params
 
 from .client_states import ClientStates
-from .fusion import Rejected, check_size, validate
+from .fusion import Rejected, read_checked
 
 
 class NoControls:
@@ -77,11 +77,7 @@ class ControlVariates(NoControls):
         """The reply's new c_i, or `Rejected` (a drift-corrected reply must carry one)."""
         if wire.CONTROL not in content.array_records:
             raise Rejected(f"reply lacks the {wire.CONTROL!r} arrays that drift-correction = 'scaffold' needs")
-        record = content.array_records[wire.CONTROL]
-        check_size(record, params)
-        control = dict(record.to_torch_state_dict())
-        validate(control, 1, params, 1)  # the model's keys, shapes and dtypes, finite
-        return control
+        return read_checked(content.array_records[wire.CONTROL], params)  # the model's keys, shapes, dtypes; finite
 
     def keep(self, controls: dict[int, Params], server_round: int) -> None:
         self.store.update({p: {"step": server_round, "tensors": c} for p, c in controls.items()})

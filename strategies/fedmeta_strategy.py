@@ -36,7 +36,7 @@ from fedmeta.results import RunWriter
 
 from .client_states import ClientStates
 from .controls import NoControls
-from .fusion import Fusion, FusionError, Rejected, check_preconditions, check_size, client_lr_factor, validate
+from .fusion import Fusion, FusionError, Rejected, check_preconditions, check_size, client_lr_factor, read_checked, validate
 from .roster import NodeInfo, Roster, Target
 from .sampling import sample_clients
 
@@ -167,12 +167,9 @@ class FedMeta:
         validate(tensors, metrics[wire.WEIGHT], params, self.cfg.max_client_weight)
         kept = None
         if self.cfg.keep_optimizer_state and self.cfg.fusion == "average" and wire.OPTIMIZER in content.array_records:
-            moments = content.array_records[wire.OPTIMIZER]
-            template = packed_adam_template(params)
-            check_size(moments, template)
-            packed = moments.to_torch_state_dict()
-            validate(packed, 1, template, 1)  # one array, of the model's size x 2 and dtype, finite
-            kept = {"step": int(metrics.get(wire.OPTIMIZER_STEP, 0)), "tensors": dict(packed)}
+            # one array, of the model's size x 2 and dtype, finite
+            packed = read_checked(content.array_records[wire.OPTIMIZER], packed_adam_template(params))
+            kept = {"step": int(metrics.get(wire.OPTIMIZER_STEP, 0)), "tensors": packed}
         return tensors, metrics[wire.WEIGHT], metrics, kept
 
     # --- evaluation on held-out partitions -----------------------------------------------------

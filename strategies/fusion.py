@@ -34,7 +34,7 @@ from .aggregators import FusionError, Updates, update_norm, weighted_average
 from .server_optimizers import Optimizer, build_optimizer, client_lr_factor, server_lr
 
 __all__ = ["Fused", "Fusion", "FusionError", "Rejected", "build_fusion",
-           "check_preconditions", "check_size", "client_lr_factor", "min_replies", "norm_guard", "validate",
+           "check_preconditions", "check_size", "client_lr_factor", "read_checked", "min_replies", "norm_guard", "validate",
            "weighted_average"]
 
 HEADER_SLACK = 4096  # bytes per array beyond its elements: the .npy header (128 bytes for usual shapes)
@@ -87,6 +87,15 @@ def check_size(record: Mapping[str, Any], template: Params, slack: int = HEADER_
         if size > limit:
             raise Rejected(f"{k}: {size} bytes exceed the {limit} bytes that the global {tuple(ref.shape)} "
                            f"{ref.dtype} allows (with {slack} bytes of header); not unpacked")
+
+
+def read_checked(record: Mapping[str, Any], template: Params) -> Params:
+    """A reply's extra arrays (kept optimizer state, control variate) as tensors, or `Rejected`: sized before
+    they are unpacked (`check_size`), then the template's keys, shapes and dtypes, finite (`validate`)."""
+    check_size(record, template)
+    arrays = dict(record.to_torch_state_dict())
+    validate(arrays, 1, template, 1)
+    return arrays
 
 
 # --- the composed fusion ------------------------------------------------------------------------

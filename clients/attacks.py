@@ -25,10 +25,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import client_app as honest
+from clients.records import from_record, to_record
 from fedmeta import wire
 from fedmeta.optim import Params
 
@@ -85,12 +86,12 @@ def attacked_reply(msg: Message, reply: Message, attack: Attack) -> Message:
     content = dict(reply.content.items())
     if partition in attack.flip:
         if wire.GRADIENT in reply.content.array_records:  # "meta-gradient" fusion
-            grad = dict(reply.content[wire.GRADIENT].to_torch_state_dict())
-            content[wire.GRADIENT] = ArrayRecord(flip_gradient(grad, attack.scale))
+            grad = from_record(reply.content[wire.GRADIENT])
+            content[wire.GRADIENT] = to_record(flip_gradient(grad, attack.scale))
         else:  # "average" fusion: the received global model is the reference
-            theta = dict(reply.content[wire.ARRAYS].to_torch_state_dict())
-            global_params = dict(msg.content[wire.ARRAYS].to_torch_state_dict())
-            content[wire.ARRAYS] = ArrayRecord(flip_parameters(global_params, theta, attack.scale))
+            theta = from_record(reply.content[wire.ARRAYS])
+            global_params = from_record(msg.content[wire.ARRAYS])
+            content[wire.ARRAYS] = to_record(flip_parameters(global_params, theta, attack.scale))
     if partition in attack.inflate:
         metrics[wire.WEIGHT] = metrics[wire.WEIGHT] * attack.factor
         content[wire.METRICS] = MetricRecord(metrics)

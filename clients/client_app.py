@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmeta import local, wire
@@ -22,6 +22,7 @@ from fedmeta.config import Config
 from fedmeta.optim import pack_adam, unpack_adam
 
 from . import actor_restart
+from .records import from_record, to_record
 
 app = ClientApp()
 actor_restart.install()  # simulation only: Ray restarts a client process that died (see actor_restart)
@@ -68,32 +69,32 @@ def train(msg: Message, context: Context) -> Message:
     if c.heldout:
         raise RuntimeError(f"partition {c.partition_id} is held out and never trains")
     about: ConfigRecord = msg.content[wire.ROUND]
-    meta_params = dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    meta_params = from_record(msg.content[wire.ARRAYS])
     kept = None
     if wire.OPTIMIZER in msg.content.array_records:  # this partition's local Adam from its last round
-        packed = msg.content[wire.OPTIMIZER].to_torch_state_dict().get(wire.OPTIMIZER)
+        packed = from_record(msg.content[wire.OPTIMIZER]).get(wire.OPTIMIZER)
         kept = None if packed is None else unpack_adam(packed, int(about[wire.OPTIMIZER_STEP]), meta_params)
     correction = None
     if wire.CORRECTION in msg.content.array_records:  # drift-correction: c - c_i (fedmeta.drift)
-        correction = dict(msg.content[wire.CORRECTION].to_torch_state_dict())
+        correction = from_record(msg.content[wire.CORRECTION])
     out = local.train(c, meta_params, int(about[wire.SERVER_ROUND]), kept,
                       lr_factor=float(about.get(wire.LR_FACTOR, 1.0)), correction=correction)
     key = wire.GRADIENT if c.cfg.fusion == "meta-gradient" else wire.ARRAYS
     metrics = {wire.WEIGHT: out.num_tasks, wire.NUM_TASKS: out.num_tasks, wire.TRAIN_LOSS: out.loss,
                wire.SECONDS: out.seconds, **_identity(c)}
-    records = {key: ArrayRecord(out.arrays)}
+    records = {key: to_record(out.arrays)}
     if c.cfg.keep_optimizer_state and out.optimizer_state is not None:
         packed, metrics[wire.OPTIMIZER_STEP] = pack_adam(out.optimizer_state)
-        records[wire.OPTIMIZER] = ArrayRecord({wire.OPTIMIZER: packed})
+        records[wire.OPTIMIZER] = to_record({wire.OPTIMIZER: packed})
     if out.control is not None:
-        records[wire.CONTROL] = ArrayRecord(out.control)
+        records[wire.CONTROL] = to_record(out.control)
     return Message(RecordDict({**records, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     c = _client(msg, context)
-    out = local.evaluate(c, dict(msg.content[wire.ARRAYS].to_torch_state_dict()))
+    out = local.evaluate(c, from_record(msg.content[wire.ARRAYS]))
     values = {wire.NUM_TASKS: out.num_tasks, wire.LOSS_PRE: out.loss_pre, wire.LOSS_POST: out.loss_post,
               wire.SECONDS: out.seconds, **_identity(c)}
     if out.accuracy_pre is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
+from clients.records import to_record
 from fedmeta import wire
 from fedmeta.config import Config
 from fedmeta.optim import Params
@@ -71,7 +72,7 @@ class ControlVariates(NoControls):
         return {k: (c - own[k].to(torch.float64) if k in own else c).to(self.dtypes[k]) for k, c in self.mean.items()}
 
     def outgoing(self, partition: int) -> dict[str, ArrayRecord]:
-        return {wire.CORRECTION: ArrayRecord(self.correction(partition))}
+        return {wire.CORRECTION: to_record(self.correction(partition))}
 
     def parse(self, content: RecordDict, params: Params) -> Params:
         """The reply's new c_i, or `Rejected` (a drift-corrected reply must carry one)."""

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from clients.records import from_record, to_record
 from fedmeta import wire
 from fedmeta.config import Config
 from fedmeta.optim import Params, packed_adam_like
@@ -97,7 +98,7 @@ class FedMeta:
         sampled = sample_clients(self.cfg.seed, state.server_round, self.roster.training(), self.cfg.fraction_train,
                                  self.cfg.min_train_nodes)
         log(INFO, "configure_train: %d of %d training partitions", len(sampled), len(self.roster.training()))
-        arrays = ArrayRecord(params)  # one record: Flower stores and sends identical content once
+        arrays = to_record(params)  # one record: Flower stores and sends identical content once
         factor = client_lr_factor(self.cfg, state.server_round)
         self.controls.begin_round(params, len(self.roster.training()))
         out = []
@@ -107,7 +108,7 @@ class FedMeta:
             content = {wire.ARRAYS: arrays, **self.controls.outgoing(p)}
             kept = self.clients.get(p) if self.cfg.keep_optimizer_state else None
             if kept is not None:
-                content[wire.OPTIMIZER] = ArrayRecord(kept["tensors"])
+                content[wire.OPTIMIZER] = to_record(kept["tensors"])
                 extra[wire.OPTIMIZER_STEP] = kept["step"]
             out.append((target, self._message(content, target, state.server_round, MessageType.TRAIN, extra)))
         return out, state.with_row(num_sampled=len(sampled))
@@ -163,7 +164,7 @@ class FedMeta:
         metrics = content.metric_records[wire.METRICS]
         if wire.WEIGHT not in metrics:
             raise Rejected(f"reply claims no weight ({wire.WEIGHT!r})")
-        tensors = record.to_torch_state_dict()
+        tensors = from_record(record)
         validate(tensors, metrics[wire.WEIGHT], params, self.cfg.max_client_weight)
         kept = None
         if self.cfg.keep_optimizer_state and self.cfg.fusion == "average" and wire.OPTIMIZER in content.array_records:
@@ -175,7 +176,7 @@ class FedMeta:
     # --- evaluation on held-out partitions -----------------------------------------------------
     def configure_evaluate(self, state: RoundState, params: Params) -> list[tuple[Target, Message]]:
         partitions = self.roster.heldout() or self.roster.training()
-        arrays = ArrayRecord(params)
+        arrays = to_record(params)
         return [(t, self._message({wire.ARRAYS: arrays}, t, state.server_round, MessageType.EVALUATE))
                 for t in map(self.roster.target, partitions)]
 

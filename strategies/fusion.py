@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from clients.records import from_record
 from fedmeta.config import Config, ConfigError
 from fedmeta.optim import Params
 
@@ -75,7 +76,7 @@ def check_size(record: Mapping[str, Any], template: Params, slack: int = HEADER_
     exceed what its template tensor implies (numel x element size) plus `slack` for the header.
 
     Call it on the Flower ArrayRecord (each value an `flwr.app.Array` with its serialized `.data`)
-    BEFORE `to_torch_state_dict()`, so an oversized reply is never unpacked into tensors; the total
+    BEFORE it is unpacked (`clients.records.from_record`), so an oversized reply is never unpacked into tensors; the total
     is then bounded by the template's bytes + slack per key. Shapes, dtypes and finiteness are
     `validate`'s job, after conversion.
     """
@@ -93,7 +94,7 @@ def read_checked(record: Mapping[str, Any], template: Params) -> Params:
     """A reply's extra arrays (kept optimizer state, control variate) as tensors, or `Rejected`: sized before
     they are unpacked (`check_size`), then the template's keys, shapes and dtypes, finite (`validate`)."""
     check_size(record, template)
-    arrays = dict(record.to_torch_state_dict())
+    arrays = from_record(record)
     validate(arrays, 1, template, 1)
     return arrays
 

@@ -30,6 +30,7 @@ from fedmeta.results import CheckpointError, RunWriter, latest_checkpoint, load_
 from .controls import NoControls, build_controls
 from .fedmeta_strategy import ClientStates, FedMeta
 from .fusion import Fusion, build_fusion
+from .linkstate_index import installed as linkstate_index
 
 app = ServerApp()
 
@@ -123,7 +124,7 @@ def serve(grid: Grid, cfg: Config) -> None:
     writer = RunWriter(out, cfg)  # refuses a directory that already holds a run
     log(INFO, "fedmeta run directory: %s", out)
     log(INFO, "config: %s", cfg.to_mapping())
-    with failing_on_sigterm():
+    with failing_on_sigterm(), linkstate_index(cfg.linkstate_index):
         try:
             fusion, clients, controls = build_fusion(cfg), ClientStates(), build_controls(cfg)
             params = algorithms.build(cfg.replace(device="cpu")).init(seeding.generator(cfg.seed, "init"))

@@ -1,0 +1,82 @@
+"""strategies.linkstate_index on Flower's real in-memory LinkState: the pump gets the same messages in the
+same order as without it, messages stored before the install are not lost, and Flower's methods come back."""
+
+import importlib.util
+import random
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+from strategies import linkstate_index
+
+SCAN = Path(__file__).parents[1] / "results" / "simulation_cost" / "flower_linkstate_scan.py"
+spec = importlib.util.spec_from_file_location("flower_linkstate_scan", SCAN)
+scan = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(scan)  # engine(): a LinkState with simulated nodes and a run, as run_simulation builds
+
+
+def message(node: int, tag: int) -> Message:
+    return Message(RecordDict({"c": ConfigRecord({"tag": tag})}), dst_node_id=node, message_type="train")
+
+
+def script(seed: int, nodes: list[int]) -> list[tuple[str, list]]:
+    """Pushes (several messages to a node, some nodes never), pump sweeps, and deletions of delivered ones."""
+    rng, steps, tag = random.Random(seed), [], 0
+    for _ in range(12):
+        batch = []
+        for node in rng.sample(nodes, 8) + rng.sample(nodes, 3):  # some nodes get two messages
+            batch.append((node, tag))
+            tag += 1
+        steps += [("push", batch), ("sweep", []), ("sweep", []), ("drop", [rng.random() < 0.7 for _ in batch])]
+    return steps
+
+
+def play(steps, nodes) -> list[tuple[int, int]]:
+    """Run the script on a fresh engine; (node, tag) of every message the sweeps hand out, in order."""
+    state, grid, registered = scan.engine(nodes)
+    handed, delivered_ids = [], []
+    for kind, arg in steps:
+        if kind == "push":
+            grid.push_messages([message(registered[n % nodes], t) for n, t in arg])
+        elif kind == "sweep":  # add_messages_to_queue's loop body
+            for node in registered:
+                for m in state.get_message_ins(node_id=node, limit=1):
+                    handed.append((registered.index(node), m.content["c"]["tag"]))
+                    delivered_ids.append(m.metadata.message_id)
+        else:  # the ServerApp pulled some replies: their messages leave the store
+            gone = {i for i, keep in zip(delivered_ids, arg) if keep}
+            state.delete_messages(gone)
+            delivered_ids = [i for i in delivered_ids if i not in gone]
+    return handed
+
+
+def test_the_pump_hands_out_the_same_messages_in_the_same_order():
+    nodes = 40
+    steps = script(0, list(range(nodes)))
+    plain = play(steps, nodes)
+    with linkstate_index.installed() as on:
+        assert on and linkstate_index.active()
+        indexed = play(steps, nodes)
+    assert not linkstate_index.active()
+    assert len(plain) == sum(len(arg) for kind, arg in steps if kind == "push")  # every message, once
+    assert indexed == plain
+
+
+def test_messages_stored_before_the_install_are_delivered_and_flower_comes_back():
+    original = InMemoryLinkState.get_message_ins
+    state, grid, registered = scan.engine(5)
+    with linkstate_index.installed():
+        state.get_message_ins(node_id=registered[0], limit=1)  # the index exists: empty
+    grid.push_messages([message(registered[3], 1)])  # stored while not installed
+    assert InMemoryLinkState.get_message_ins is original
+    with linkstate_index.installed(), linkstate_index.installed():  # nested: one patch
+        got = [m for n in registered for m in state.get_message_ins(node_id=n, limit=1)]
+        assert [m.content["c"]["tag"] for m in got] == [1]
+        assert InMemoryLinkState.get_message_ins is not original
+    assert InMemoryLinkState.get_message_ins is original
+
+
+def test_disabled_is_flowers_own():
+    with linkstate_index.installed(enabled=False) as on:
+        assert not on and not linkstate_index.active()

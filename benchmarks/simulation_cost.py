@@ -12,9 +12,11 @@ Per size and app: the first round apart (from the simulation's launch, so with R
 registration, and on its own), the median later round, milliseconds per client-round in wall-clock time and in
 CPU time of all the run's processes (which other load on a shared machine does not inflate), and the peak resident
 memory of every process of the run (this one, Ray's raylet / GCS / workers) sampled from /proc. fedmeta's app
-runs twice: in this process (`run_simulation`, as the stock app) and as users start it, `fedmeta run` (its own
-SuperLink and flwr-simulation processes; their memory, not this process's). Then the resident memory of one
-client process (a Ray worker's imports) as it serves k partitions, for sinusoid and
+runs in this process (`run_simulation`, as the stock app), as users start it, `fedmeta run` (its own
+SuperLink and flwr-simulation processes; their memory, not this process's), and in this process with Flower's
+own message pump (`linkstate-index = false`: the split between fedmeta's index over the engine's LinkState and
+the rest), and above 100 clients as partitions on 100 nodes; the last two must give fedmeta's numbers. Then
+the resident memory of one client process (a Ray worker's imports) as it serves k partitions, for sinusoid and
 Omniglot (`fedmeta.local` caches each partition's client: model and task data).
 
     python benchmarks/simulation_cost.py [--clients 100 1000 10000] [--sampled 100] [--rounds 6]
@@ -62,7 +64,7 @@ COLUMNS = ["clients", "implementation", "sampled", "client_rounds_per_round", "f
            "cpu_server_ms_per_client_round", "cpu_workers_ms_per_client_round", "cpu_other_ms_per_client_round",
            "client_compute_ms_per_client_round", "total_s", "peak_rss_mb", "peak_pss_mb", "ray_worker_rss_mb", "same_numbers",
            "processes"]
-RUNS = ("stock", "fedmeta", "fedmeta-run", "partitions")
+RUNS = ("stock", "fedmeta", "fedmeta-run", "flower-pump", "partitions")
 IID_PARTITIONS = 8  # iid Omniglot: every training partition caches the whole family (about 150 MB each)
 MEMORY_COLUMNS = ["task", "partition", "partitions_served", "rss_mb", "growth_mb"]
 
@@ -80,9 +82,10 @@ class Settings(Args):
                                                        "poll-interval)")
     runs: tuple[str, ...] = arg(RUNS, "what runs at each size: the stock app; fedmeta's app in this process; "
                                       "through `fedmeta run` (its SuperLink and flwr-simulation processes, for their "
-                                      "memory and start-up); as partitions on --partition-nodes nodes", choices=RUNS)
+                                      "memory and start-up); in this process with Flower's own message pump (linkstate-index "
+                                      "off); as partitions on --partition-nodes nodes", choices=RUNS)
     partition_nodes: int = arg(100, "sizes above this also run fedmeta's clients as partitions on this many "
-                                    "Flower nodes (num-partitions = clients), the workaround for the engine's cost per "
+                                    "Flower nodes (num-partitions = clients), the other workaround for the engine's cost per "
                                     "registered node")
     worker_partitions: int = arg(32, "partitions one client process serves in the worker-memory probe "
                                      "(Omniglot non-iid: 30 training + 2 held-out alphabet groups at 32)")
@@ -250,11 +253,14 @@ def run_stock(n: int, sampled: int, rounds: int, params: dict) -> dict:
                     [0.0] * rounds, total, mem)
 
 
-def run_fedmeta(n: int, sampled: int, rounds: int, poll_interval: float, nodes: int | None = None) -> dict:
+def run_fedmeta(n: int, sampled: int, rounds: int, poll_interval: float, nodes: int | None = None,
+                index: bool = True) -> dict:
     """fedmeta's app on `nodes` Flower nodes (default: one per client); with fewer, the n virtual clients are
-    partitions bound to nodes (assign-partitions: partition p on node p mod nodes)."""
+    partitions bound to nodes (assign-partitions: partition p on node p mod nodes). `index` = False: with
+    Flower's own message pump (linkstate-index off, strategies/linkstate_index.py)."""
     nodes = nodes or n
-    cfg = fedmeta_config(n, sampled, rounds, poll_interval).replace(num_partitions=n if nodes != n else 0)
+    cfg = fedmeta_config(n, sampled, rounds, poll_interval).replace(num_partitions=n if nodes != n else 0,
+                                                                    linkstate_index=index)
     with round_ends() as ends, tempfile.TemporaryDirectory() as tmp:
         launch, total, mem = simulate(server_app(cfg.replace(results_dir=tmp, run_name="bench")), fedmeta_client,
                                       nodes)
@@ -263,7 +269,8 @@ def run_fedmeta(n: int, sampled: int, rounds: int, poll_interval: float, nodes: 
         raise RuntimeError(f"fedmeta's run at {n} clients on {nodes} nodes: {run.status}")
     compute = run.clients.groupby("round")["seconds"].sum().reindex(range(1, rounds + 1), fill_value=0.0)
     per_round = int(run.rounds["num_sampled"].iloc[-1]) + HELDOUT
-    row = measured("fedmeta" if nodes == n else f"fedmeta, {n} partitions on {nodes} nodes", n, per_round, launch,
+    name = "fedmeta" if nodes == n else f"fedmeta, {n} partitions on {nodes} nodes"
+    row = measured(name if index else f"{name}, Flower's pump (linkstate-index off)", n, per_round, launch,
                    ends, float(run.rounds["seconds"].iloc[0]), compute.tolist(), total, mem)
     row["numbers"] = run.rounds.drop(columns="seconds")  # same seed: the same numbers on any nodes
     return row
@@ -381,14 +388,17 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--clients {n}: need at least --sampled {args.sampled} clients and more than {HELDOUT}")
         got = {"stock": run_stock(n, args.sampled, args.rounds, params) if "stock" in args.runs else None,
                "fedmeta": run_fedmeta(n, args.sampled, args.rounds, args.poll_interval)
-               if {"fedmeta", "partitions"} & set(args.runs) else None,
+               if {"fedmeta", "flower-pump", "partitions"} & set(args.runs) else None,
                "fedmeta-run": run_cli(n, args.sampled, args.rounds, args.poll_interval)
                if "fedmeta-run" in args.runs else None,
+               "flower-pump": run_fedmeta(n, args.sampled, args.rounds, args.poll_interval, index=False)
+               if "flower-pump" in args.runs else None,
                "partitions": run_fedmeta(n, args.sampled, args.rounds, args.poll_interval, args.partition_nodes)
                if "partitions" in args.runs and n > args.partition_nodes else None}
-        ours, few, stock = got["fedmeta"], got["partitions"], got["stock"]
-        if few is not None:
-            few["same_numbers"] = bool(few.pop("numbers").equals(ours["numbers"]))
+        ours, stock = got["fedmeta"], got["stock"]
+        for other in (got["flower-pump"], got["partitions"]):  # same seed: the numbers of one node per client
+            if other is not None:
+                other["same_numbers"] = bool(other.pop("numbers").equals(ours["numbers"]))
         if ours is not None:
             ours.pop("numbers")
         done = [got[k] for k in RUNS if got[k] is not None and (k in args.runs)]
@@ -427,8 +437,9 @@ def summary_lines(rows: list[dict], memory: list[dict], args: Settings) -> list[
           f"{r['client_compute_ms_per_client_round']:.1f}"] for r in rows], align="llrrrr")
     few = [r for r in rows if "same_numbers" in r]
     if few:
-        lines += ["", "Partitions on fewer nodes give the rounds.csv numbers of one node per client: " + ", ".join(
-            f"{r['clients']} clients: {'identical' if r['same_numbers'] else 'DIFFERENT'}" for r in few)]
+        lines += ["", "rounds.csv numbers against fedmeta's default run of the same size: " + ", ".join(
+            f"{r['implementation']} at {r['clients']}: {'identical' if r['same_numbers'] else 'DIFFERENT'}"
+            for r in few)]
     if not memory:
         return [*lines, "", f"Command: `{command(args)}`"]
     served = sorted({m["partitions_served"] for m in memory})

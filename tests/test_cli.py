@@ -2,7 +2,9 @@
 simulation mode -> Ray workers; the ways a run can go wrong, and the exit status that says so."""
 
 import json
+import signal
 import subprocess
+import time
 import tomllib
 
 import pytest
@@ -78,15 +80,26 @@ def test_exit_status_follows_the_status_file(tmp_path, capsys):
 def test_fedmeta_run_completes_and_cleans_up(env, tmp_path):
     # a second, longer run starts while this one runs: each gets a SuperLink of its own, so stopping this
     # run's at its end does not kill the other (it used to join this one's SuperLink and die with it)
-    other = subprocess.Popen([FEDMETA, "run", "--results-dir", str(tmp_path), "--name", "other", "-c",
-                              "num-rounds=6 local-iterations=20 eval-tasks=10 eval-steps=2"], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_other = tmp_path / "other.out"  # a file, not a pipe: nobody reads a pipe while "ok" runs, and a full one blocks
+    with log_other.open("w") as sink:
+        other = subprocess.Popen([FEDMETA, "run", "--results-dir", str(tmp_path), "--name", "other", "-c",
+                                  "num-rounds=1000 local-iterations=5 eval-tasks=10 eval-steps=2", "--federation-config",
+                                  "num-supernodes=3 client-resources-num-cpus=2"],  # one Ray worker: a core for "ok"
+                                 cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
     r = fedmeta(env, "run", "--results-dir", str(tmp_path), "--name", "ok", "-c", SMALL,
                 "--federation-config", "num-supernodes=3 client-resources-num-cpus=1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert other.poll() is None  # still running when this one has stopped its SuperLink
-    out, _ = other.communicate(timeout=300)
-    assert other.returncode == 0, out[-3000:]
+    assert other.poll() is None, log_other.read_text()[-3000:]  # still running when this one stopped its SuperLink ...
+    rows = tmp_path / "other" / "rounds.csv"
+    done = len(rows.read_text().splitlines()) if rows.exists() else 0
+    deadline = time.monotonic() + 120
+    while (len(rows.read_text().splitlines()) if rows.exists() else 0) <= done + 1 and time.monotonic() < deadline:
+        assert other.poll() is None, log_other.read_text()[-3000:]
+        time.sleep(0.2)
+    assert len(rows.read_text().splitlines()) > done + 1  # ... and goes on finishing rounds after it
+    other.send_signal(signal.SIGTERM)  # (1000 rounds: it would outlast any run beside it; stop it)
+    other.wait(timeout=120)
+    assert other.returncode == 128 + signal.SIGTERM, log_other.read_text()[-3000:]
     links = {name: (tmp_path / name / "flwr.log").read_text().split("Using SuperLink: ")[1].split(")")[0]
              for name in ("ok", "other")}
     assert links["ok"] != links["other"], links

@@ -32,11 +32,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as run_simulation does
-
 
 def engine(num_nodes: int):
     """A LinkState with `num_nodes` simulated nodes and one run, and the in-memory Grid of run_simulation."""
+    # the identity Message() stamps on what it creates, as run_simulation sets it (set per call: a simulation
+    # run earlier in the same process leaves its own run's identity there)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 1, SUPERLINK_NODE_ID
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     mapping = _register_nodes(num_nodes, factory)  # what the engine does at start-up
     state = factory.state()

@@ -12,8 +12,11 @@ nodes x messages in the store: 0.27 s at 1 000 nodes and 2.7 s at 10 000 with 10
 when a message to it is stored, and leaves when Flower's own `get_message_ins` finds nothing left for it.
 `get_message_ins` for a node outside the set returns [] at once; for a node in it, Flower's method runs
 unchanged (the same message, marked delivered the same way, the same TTL checks of the whole store).
-The set is a superset of the nodes with undelivered messages at every moment (both steps hold the
-LinkState's re-entrant lock), so no message is held back; a sweep then costs what the sampled nodes cost.
+Both steps hold the LinkState's re-entrant lock, so the set is a superset of the nodes with undelivered
+messages except while a store is between Flower's method and the set's update; a sweep that asks in that
+moment (the "nothing here" answer reads the set without the lock) finds the message 0.1 s later, as Flower's
+own sweep does for a message stored just after it passed the node. No message is held back longer, and a
+sweep over 10 000 registered nodes costs 1.7 ms instead of Flower's 2.7 s with 100 messages out.
 What the skipped calls did besides finding nothing: expiring stale messages of other nodes. The ServerApp's
 own pull (`get_message_res`) expires the messages it waits for, and the sampled nodes' calls still sweep
 the whole store every 0.1 s, so every message in flight is still checked.
@@ -58,6 +61,12 @@ def _store_message_ins(self, message):
 
 
 def _get_message_ins(self, node_id, limit, *, run_id=None):
+    # Fast path, without the lock (the pump asks for every registered node every 0.1 s): a node not in
+    # the current set has nothing waiting. A message stored concurrently is found by the next sweep, as
+    # when Flower's sweep has passed its node before it is stored. (A set's `in` is atomic under the GIL.)
+    generation, nodes = self.__dict__.get(_ATTR, (None, None))
+    if generation == _generation and node_id not in nodes:
+        return []
     with self.lock:
         nodes = _pending(self)
         if node_id not in nodes:

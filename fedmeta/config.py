@@ -110,7 +110,7 @@ class Config:
     node_wait_timeout: float = 120.0  # how long the server waits for enough nodes before failing
     round_timeout: float = 3600.0  # how long a round waits for replies (stragglers are cut)
     poll_interval: float = 0.02  # seconds between the server's pulls of client replies
-    linkstate_index: bool = True  # simulation: skip Flower's per-node LinkState scan (strategies/linkstate_index.py)
+    linkstate_index: bool = True  # simulation: no per-node LinkState scan, no fixed 0.1 s pump wait (linkstate_index.py)
     checkpoint_every: int = 1
     results_dir: str = ""  # absolute path of the run directory's parent; "" = ./results
     run_name: str = ""  # "" = <task>-<algorithm>-<fusion>-<timestamp>

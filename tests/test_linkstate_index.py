@@ -2,10 +2,13 @@
 same order as without it, messages stored before the install are not lost, and Flower's methods come back."""
 
 import importlib.util
+import queue
 import random
+import threading
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
 from strategies import linkstate_index
@@ -80,3 +83,52 @@ def test_messages_stored_before_the_install_are_delivered_and_flower_comes_back(
 def test_disabled_is_flowers_own():
     with linkstate_index.installed(enabled=False) as on:
         assert not on and not linkstate_index.active()
+
+
+def pumped(installed: bool, batches: list[list[tuple[int, int]]], nodes: int = 30) -> list[tuple[int, int]]:
+    """The engine's pump (`vce_api.add_messages_to_queue` as the engine finds it) in its own thread on a fresh
+    engine, fed batches of (node, tag) while it runs; (node, tag) of every message it hands out, in order."""
+    state, grid, registered = scan.engine(nodes)
+    out, stop = queue.Queue(), threading.Event()
+    mapping = dict.fromkeys(registered)
+    with linkstate_index.installed(installed):
+        pump = threading.Thread(target=vce_api.add_messages_to_queue, args=(state, out, mapping, stop))
+        pump.start()
+        handed = []
+        for batch in batches:
+            grid.push_messages([message(registered[n], t) for n, t in batch])
+            for _ in batch:  # every message comes out (a lost one times out here)
+                m = out.get(timeout=5)
+                handed.append((registered.index(m.metadata.dst_node_id), m.content["c"]["tag"]))
+        stop.set()
+        pump.join(timeout=5)
+        assert not pump.is_alive()  # it stops on the engine's stop event, as Flower's
+    assert out.empty()  # and nothing twice
+    return handed
+
+
+def test_the_installed_pump_hands_out_every_message_once_and_stops():
+    batches = [[(n, 10 * b + i) for i, n in enumerate(random.Random(b).sample(range(30), 6))] for b in range(5)]
+    batches.append([(3, 100), (3, 101), (3, 102), (7, 103)])  # several waiting for one node: one per sweep
+    indexed, plain = pumped(True, batches), pumped(False, batches)
+    assert sorted(indexed) == sorted(plain) == sorted(m for b in batches for m in b)
+    # a node's messages in the order stored, as from Flower's pump
+    assert [t for n, t in indexed if n == 3] == [t for n, t in plain if n == 3]
+    assert vce_api.add_messages_to_queue.__module__ == vce_api.__name__  # Flower's again after the run
+
+
+def test_the_pump_is_flowers_loop_while_the_index_is_not_installed():
+    original = vce_api.add_messages_to_queue
+    with linkstate_index.installed():
+        assert vce_api.add_messages_to_queue is linkstate_index._pump
+    assert vce_api.add_messages_to_queue is original
+    # a pump started under the index that outlives it (another run's engine) falls back to Flower's sweep
+    state, grid, registered = scan.engine(4)
+    out, stop = queue.Queue(), threading.Event()
+    pump = threading.Thread(target=linkstate_index._pump, args=(state, out, dict.fromkeys(registered), stop))
+    pump.start()
+    grid.push_messages([message(registered[2], 5)])
+    assert out.get(timeout=5).content["c"]["tag"] == 5
+    stop.set()
+    pump.join(timeout=5)
+    assert not pump.is_alive()

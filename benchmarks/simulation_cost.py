@@ -19,7 +19,7 @@ the rest), and above 100 clients as partitions on 100 nodes; the last two must g
 the resident memory of one client process (a Ray worker's imports) as it serves k partitions, for sinusoid and
 Omniglot (`fedmeta.local` caches each partition's client: model and task data).
 
-    python benchmarks/simulation_cost.py [--clients 100 1000 10000] [--sampled 100] [--rounds 6]
+    python benchmarks/simulation_cost.py [--clients 100 1000 10000] [--sampled 100] [--rounds 16]
     python benchmarks/simulation_cost.py --quick      # smoke run: 6 clients, 2 sampled, 3 rounds
     py-spy record --subprocesses --threads --format raw -o profile.txt -- python benchmarks/simulation_cost.py \
         --clients 10000 --runs fedmeta --worker-partitions 0 --out /tmp/profile   # one app at one size, profiled
@@ -77,7 +77,7 @@ class Settings(Args):
 
     clients: tuple[int, ...] = arg((100, 1000, 10000), "simulation sizes (registered clients, num-supernodes)")
     sampled: int = arg(100, "clients trained per round (fraction-train = sampled / clients)")
-    rounds: int = arg(6, "rounds per simulation (round 1 is reported apart)")
+    rounds: int = arg(16, "rounds per simulation (round 1 is reported apart; the later ones give the median)")
     poll_interval: float = arg(Config().poll_interval, "fedmeta's reply poll (seconds; the run-config key "
                                                        "poll-interval)")
     runs: tuple[str, ...] = arg(RUNS, "what runs at each size: the stock app; fedmeta's app in this process; "

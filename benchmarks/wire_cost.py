@@ -89,9 +89,9 @@ KEYS = [k.replace(" ", "_") for k in SWEEPS]
 
 def sweep_rows(args: Settings) -> list[dict]:
     """Three sweeps in a row after the messages are stored: the first hands them out; they stay stored (until
-    the ServerApp pulls the replies), so Flower's later sweeps cost what the first did. With the index, the
-    second asks each served node once more (Flower's method: a walk of the store; it finds nothing and drops
-    the node), and later ones skip every node."""
+    the ServerApp pulls the replies), so Flower's later sweeps cost what the first did. With the index, a node
+    leaves it once what was stored for it is handed out, so the later sweeps skip every node; the first still
+    runs Flower's method (a walk of the store) for each node served."""
     scan, rows = load_scan(), []
     for n in args.nodes:
         times: dict[tuple[bool, str], list[float]] = {(i, k): [] for i in (False, True) for k in SWEEPS}

@@ -11,19 +11,20 @@ nodes x messages in the store: 0.27 s at 1 000 nodes and 2.7 s at 10 000 with 10
 next one: a round (a train and an evaluate phase) idles 0.1 s on average at any size. Flower has no setting
 for either.
 
-`installed()` keeps, per LinkState, the set of nodes that may have an undelivered message: a node joins
-when a message to it is stored, and leaves when Flower's own `get_message_ins` finds nothing left for it.
-`get_message_ins` for a node outside the set returns [] at once; for a node in it, Flower's method runs
+`installed()` keeps, per LinkState, an index of the nodes that may have an undelivered message, with how many
+were stored for each and not yet handed out: a node joins when a message to it is stored, and leaves when
+Flower's own `get_message_ins` has handed out as many as were stored, or finds nothing left (a message expired
+or deleted). `get_message_ins` for a node outside the index returns [] at once; for one in it, Flower's method runs
 unchanged (the same message, marked delivered the same way, the same TTL checks of the whole store).
-Both steps hold the LinkState's re-entrant lock, so the set is a superset of the nodes with undelivered
-messages except while a store is between Flower's method and the set's update; a sweep that asks in that
-moment (the "nothing here" answer reads the set without the lock) finds the message at its next sweep, as
+Both steps hold the LinkState's re-entrant lock, so the index holds every node with undelivered
+messages except while a store is between Flower's method and the index's update; a sweep that asks in that
+moment (the "nothing here" answer reads the index without the lock) finds the message at its next sweep, as
 Flower's own sweep does for a message stored just after it passed the node.
 
 It also replaces the pump (`_pump`, for engines that start while it is installed): a sweep asks only the
-nodes in the set, in Flower's order, one message each, and the pump sleeps until the next store (at most
+nodes in the index, in Flower's order, one message each, and the pump sleeps until the next store (at most
 0.1 s, when it checks the engine's stop event as Flower's does) instead of 0.1 s. A pump started before the
-install is Flower's and still gains from the set (2 ms per idle sweep over 10 000 nodes:
+install is Flower's and still gains from the index (2 ms per idle sweep over 10 000 nodes:
 `benchmarks/wire_cost.py`); one that outlives the install sweeps every node every 0.1 s, as Flower's.
 What the skipped calls did besides finding nothing: expiring stale messages of other nodes. The ServerApp's
 own pull (`get_message_res`) expires the messages it waits for.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,18 +48,20 @@ MODULE = "flwr.server.superlink.linkstate.in_memory_linkstate"
 VCE = "flwr.server.superlink.fleet.vce.vce_api"  # the engine: its pump, `add_messages_to_queue`
 _ATTR = "_fedmeta_pending_nodes"
 _installs = 0
-_generation = 0  # bumped by every install: a node set kept from an earlier install is rebuilt, not trusted
+_generation = 0  # bumped by every install: an index kept from an earlier install is rebuilt, not trusted
 _guard = threading.Lock()
 _originals: dict[str, Any] = {}  # Flower's methods (kept after an uninstall: a call in flight may still use them)
 _wake = threading.Condition()  # notified by every store: the pump sweeps then, not 0.1 s later
 _stored = 0  # stores so far (the pump's wait compares it, so a store between its sweep and its wait is not missed)
 
 
-def _pending(state) -> set[int]:
-    """The state's node set; built from its store on first use (messages stored before the install)."""
+def _pending(state) -> dict[int, int]:
+    """The state's index, node -> messages stored for it and not yet handed out; built from its store on first
+    use (messages stored before the install)."""
     generation, nodes = state.__dict__.get(_ATTR, (None, None))
     if generation != _generation:
-        nodes = {m.metadata.dst_node_id for m in state.message_ins_store.values() if m.metadata.delivered_at == ""}
+        waiting = [m.metadata.dst_node_id for m in state.message_ins_store.values() if m.metadata.delivered_at == ""]
+        nodes = dict(Counter(waiting))
         state.__dict__[_ATTR] = (_generation, nodes)
     return nodes
 
@@ -67,7 +71,8 @@ def _store_message_ins(self, message):
     with self.lock:
         message_id = _originals["store_message_ins"](self, message)
         if message_id is not None:
-            _pending(self).add(message.metadata.dst_node_id)
+            nodes, node = _pending(self), message.metadata.dst_node_id
+            nodes[node] = nodes.get(node, 0) + 1
             with _wake:  # (lock order: the LinkState's, then _wake's; the pump never holds _wake for more)
                 _stored += 1
                 _wake.notify_all()
@@ -76,8 +81,8 @@ def _store_message_ins(self, message):
 
 def _get_message_ins(self, node_id, limit, *, run_id=None):
     # Fast path, without the lock (the pump asks for every registered node every 0.1 s): a node not in
-    # the current set has nothing waiting. A message stored concurrently is found by the next sweep, as
-    # when Flower's sweep has passed its node before it is stored. (A set's `in` is atomic under the GIL.)
+    # the current index has nothing waiting. A message stored concurrently is found by the next sweep, as
+    # when Flower's sweep has passed its node before it is stored. (A dict's `in` is atomic under the GIL.)
     generation, nodes = self.__dict__.get(_ATTR, (None, None))
     if generation == _generation and node_id not in nodes:
         return []
@@ -86,8 +91,11 @@ def _get_message_ins(self, node_id, limit, *, run_id=None):
         if node_id not in nodes:
             return []
         found = _originals["get_message_ins"](self, node_id, limit, run_id=run_id)
-        if not found:
-            nodes.discard(node_id)
+        left = nodes[node_id] - len(found)
+        if not found or left <= 0:  # all it was sent is handed out (or gone: expired, deleted): leaves the index
+            del nodes[node_id]
+        else:
+            nodes[node_id] = left
         return found
 
 
@@ -95,7 +103,7 @@ def _pump(state, queue, nodes_mapping, f_stop) -> None:
     """`vce_api.add_messages_to_queue` woken by a stored message instead of a fixed 0.1 s wait: each sweep
     asks the nodes with messages waiting, in Flower's order (the node mapping's), for one message each, as
     Flower's sweep does, and sweeps again at once after handing messages out (a node's next message, or
-    none, which drops it from the set). While the index is not installed it is Flower's loop."""
+    none, which drops it from the index). While the index is not installed it is Flower's loop."""
     order = {node: i for i, node in enumerate(nodes_mapping)}
     while not f_stop.is_set():
         with _wake:

@@ -67,14 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
              "fab_files": sizes[name][1]} for name, m in med.items()]
     summary = {"command": command(args), "machine": tables.machine(["flwr"]),
                "files_under_app": files_under(args.app), "rows": rows}
-    tables.write_json(args.out_dir / "summary.json", summary)
     lines = [f"# Packaging the app before a run ({summary['files_under_app']} files under the app directory)", "",
              *tables.markdown_table(["path", "median s", "vs flwr build", "FAB bytes", "FAB files"],
                                     [[r["path"], f"{r['median_s']:.3f}", f"{r['ratio_vs_flower']:.3f}",
-                                      r["fab_bytes"], r["fab_files"]] for r in rows]),
-             "", f"Command: `{summary['command']}`"]
-    tables.write_text(args.out_dir / "summary.md", lines)
-    print("\n".join(lines))
+                                      r["fab_bytes"], r["fab_files"]] for r in rows])]
+    tables.write_summary(args.out_dir, summary, lines)
     return summary
 
 

@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     codec, sweeps = codec_rows(args), sweep_rows(args)
     summary = {"command": command(args), "machine": tables.machine(["flwr"]), "codec": codec, "sweeps": sweeps}
-    tables.write_json(args.out_dir / "summary.json", summary)
     lines = ["# A record on the wire (us per record, median)", "",
              *tables.markdown_table(["model", "arrays", "op", "Flower", "fedmeta", "speed-up", "same bytes and values"],
                                     [[r["task"], r["arrays"], r["op"], f"{r['flower_us']:.0f}", f"{r['fedmeta_us']:.0f}",
@@ -131,10 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      *(f"fedmeta's index: {k}" for k in SWEEPS), "later: speed-up"],
                                     [[r["registered_nodes"], *(f"{r[f'flower_{k}_ms']:.2f}" for k in KEYS),
                                       *(f"{r[f'fedmeta_{k}_ms']:.2f}" for k in KEYS), f"{r['speedup_later']:.0f}x"]
-                                     for r in sweeps], align="r" * 8),
-             "", f"Command: `{summary['command']}`"]
-    tables.write_text(args.out_dir / "summary.md", lines)
-    print("\n".join(lines))
+                                     for r in sweeps], align="r" * 8)]
+    tables.write_summary(args.out_dir, summary, lines)
     return summary
 
 

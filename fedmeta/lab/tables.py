@@ -71,6 +71,15 @@ def write_text(path: str | Path, lines: str | Iterable[str]) -> Path:
     return path
 
 
+def write_summary(out: str | Path, summary: dict[str, Any], lines: list[str]) -> None:
+    """A script's output folder: `summary.json`, and `summary.md` = `lines` + the command that made them
+    (`summary["command"]`), which is also printed."""
+    write_json(Path(out) / "summary.json", summary)
+    lines = [*lines, "", f"Command: `{summary['command']}`"]
+    write_text(Path(out) / "summary.md", lines)
+    print("\n".join(lines))
+
+
 # --- the environment ------------------------------------------------------------------------------------------
 def version(package: str) -> str | None:
     """An installed package's version from its metadata (never imports it), or None."""
